@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a run's workdir: model variables, the config, and metadata, saved together.
+
+Layout: `WORKDIR/checkpoints/<step>/{model, config, metadata, ...}`. The config (the single description of the
+run) and metadata (tag names, hierarchy, provenance) travel with every checkpoint, so `eval`, `tag` and `explain`
+need only the workdir. Items are separate so that inference restores the model variables without the optimizer.
+"""
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from flaxtag.errors import CheckpointError
+
+MODEL = "model"  # {'params': ..., 'batch_stats': ...}
+CONFIG = "config"
+METADATA = "metadata"
+# Validation metric by which 'best' is chosen.
+BEST_METRIC = "val_roc_auc"
+
+
+def checkpoint_dir(workdir) -> str:
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
+def open_manager(workdir, *, read_only=False, options: ocp.CheckpointManagerOptions | None = None,
+                 extra_handlers: dict[str, ocp.CheckpointHandler] | None = None) -> ocp.CheckpointManager:
+  """A CheckpointManager over WORKDIR/checkpoints; 'best' ranks by the metric BEST_METRIC where one was saved."""
+  directory = checkpoint_dir(workdir)
+  if read_only and not os.path.isdir(directory):
+    raise CheckpointError(
+        f"no checkpoints in {workdir}: expected {directory}. Train with `python -m flaxtag.train --workdir ...` or "
+        "import a reference model with `python -m flaxtag.convert`.")
+  if options is None:
+    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  handlers = {MODEL: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
+              METADATA: ocp.JsonCheckpointHandler(), **(extra_handlers or {})}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, variables, config: ml_collections.ConfigDict,
+         metadata: dict, metrics: dict | None = None, extra_items: dict[str, ocp.args.CheckpointArgs] | None = None):
+  """Saves model variables, config and metadata (plus any extra items, e.g. optimizer state) as one step."""
+  items = {
+      MODEL: ocp.args.StandardSave(variables),
+      CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      METADATA: ocp.args.JsonSave(metadata),
+      **(extra_items or {}),
+  }
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str | int = "best") -> int:
+  """'latest', 'best' (by BEST_METRIC; the latest where no step has metrics) or a step number."""
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint steps under {manager.directory}.")
+  if which == "latest":
+    return manager.latest_step()
+  if which == "best":
+    scored = {s: m[BEST_METRIC] for s in steps
+              if (m := _step_metrics(manager, s)) and m.get(BEST_METRIC) is not None}
+    return max(scored, key=scored.get) if scored else manager.latest_step()
+  try:
+    step = int(which)
+  except ValueError:
+    raise CheckpointError(f"checkpoint {which!r}: use 'best', 'latest' or a step number.") from None
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint at step {step} under {manager.directory}; steps are {sorted(steps)}.")
+  return step
+
+
+def _step_metrics(manager, step):
+  path = os.path.join(os.fspath(manager.directory), str(step), "_CHECKPOINT_METADATA")
+  try:
+    with open(path) as f:
+      return json.load(f).get("metrics")
+  except (OSError, ValueError):
+    return None
+
+
+def load_config(manager: ocp.CheckpointManager, step: int) -> tuple[ml_collections.ConfigDict, dict]:
+  """The config and metadata saved with a step."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore(),
+                                                              METADATA: ocp.args.JsonRestore()}))
+  return ml_collections.ConfigDict(restored[CONFIG]), dict(restored[METADATA])
+
+
+def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables: Any):
+  """Restores model variables, first checking every array against the model's shapes (a clear error if not)."""
+  stored = manager.item_metadata(step)[MODEL]
+  check_tree_fits(stored, abstract_variables, f"checkpoint {manager.directory}/{step}")
+  restored = manager.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(abstract_variables)}))
+  return restored[MODEL]
+
+
+def check_tree_fits(stored: Any, expected: Any, where: str):
+  """Raises CheckpointError listing keys missing, unexpected, or of another shape in `stored` vs `expected`."""
+  stored_shapes = _shapes(stored)
+  expected_shapes = _shapes(expected)
+  problems = [f"missing {k} {v}" for k, v in expected_shapes.items() if k not in stored_shapes]
+  problems += [f"unexpected {k} {v}" for k, v in stored_shapes.items() if k not in expected_shapes]
+  problems += [f"{k}: stored {stored_shapes[k]}, model needs {v}" for k, v in expected_shapes.items()
+               if k in stored_shapes and stored_shapes[k] != v]
+  if problems:
+    listed = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+    raise CheckpointError(
+        f"{where} does not fit the model described by its config ({len(problems)} problems):\n  {listed}\n"
+        "Check model.frontend/backend/conv_channels/num_tags/head against the run that wrote the checkpoint.")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}
