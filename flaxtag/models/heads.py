@@ -1,0 +1,274 @@
+"""Hierarchical multi-label heads (SPEC §5) as pure functions.
+
+A head maps the clip embedding h (B, D) and its own parameters (a nested dict of arrays) to fine logits (B, F) and
+coarse logits (B, C). Whatever the head, a "logit" is the logit of that head's probability, so every level is
+trained with BCE-with-logits and probabilities are always sigmoid(logits).
+
+Heads (`HEAD_NAMES`):
+  flat             fine only; coarse by the max rule after training (`derive_coarse_logits`). Needs no hierarchy.
+  multitask        independent coarse classifier z_c = h W_c + b_c.
+  multitask_hloss  multitask + λ_h·mean(max(0, P_f − P_c[parent])²).
+  top_down         P_f[i] = P_c[parent(i)]·sigmoid(z_f[i]) (a soft decision tree).
+  gmp              z_c[j] = max over children i of z_f[i] (grouped max pooling).
+  resatt           z_c = base + λ·(A · z_f): a learned coarse × fine attention map A with entries in [0, 1], added
+                   to a base, the direct coarse classifier or GMP.
+
+Parameter names: `fine` and `coarse` are {'kernel': (D, n), 'bias': (n,)} dense layers (as flax.linen.Dense);
+ResAtt's own parameters live under `resatt`: `queries` (C, d), `keys` (F, d), `lambda` (), and, when input-dependent,
+`query_shift` and `key_shift`, dense layers (D → d).
+
+All functions are jit-able with `name`, `hierarchy` and `options` static (all three are hashable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flaxtag.errors import ConfigError
+from flaxtag.hierarchy import Hierarchy
+
+FLAT = "flat"
+MULTITASK = "multitask"
+MULTITASK_HLOSS = "multitask_hloss"
+TOP_DOWN = "top_down"
+GMP = "gmp"
+RESATT = "resatt"
+HEAD_NAMES = (FLAT, MULTITASK, MULTITASK_HLOSS, TOP_DOWN, GMP, RESATT)
+HIERARCHICAL_HEADS = HEAD_NAMES[1:]
+
+RESATT_BASES = ("direct", "gmp")
+RESATT_ATTENTIONS = ("softmax", "sigmoid")
+
+Params = dict[str, Any]
+
+
+class HeadOutputs(NamedTuple):
+  """What every head returns (a pytree; None fields are empty subtrees).
+
+  fine_logits: (B, F).
+  coarse_logits: (B, C), or None for `flat` (see `derive_coarse_logits`).
+  attention: the coarse × fine map that links the levels, for plots: (1, C, F) when it does not depend on the input,
+    (B, C, F) when it does (ResAtt input-dependent, GMP's one-hot argmax map), None for the other heads.
+  """
+  fine_logits: jax.Array
+  coarse_logits: jax.Array | None = None
+  attention: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOptions:
+  """Head hyper-parameters.
+
+  coarse_weight: w_c, the weight of the coarse BCE in the loss of every head that has coarse logits (the SPEC writes
+    it for GMP and ResAtt only; with the default 1 all heads are as the SPEC's table says).
+  hierarchy_loss_weight: λ_h of `multitask_hloss`.
+  resatt_base: 'direct' (z_c = h W_c + b_c + λ·A z_f) or 'gmp' (z_c = GMP(z_f) + λ·A z_f).
+  resatt_attention: 'softmax' (over fine tags, each row sums to 1) or 'sigmoid' (element-wise) of Q Kᵀ/√d.
+  resatt_input_dependent: shift the queries and the keys by linear projections of h, making A per example. A key
+    shift shared by all fine tags changes nothing in a softmax row, so with 'softmax' only the query shift matters.
+  resatt_masked: restrict A to each coarse tag's own children (masked softmax, or sigmoid times M).
+  resatt_dim: d, the width of queries and keys.
+  resatt_lambda_init: initial value of the learned residual scale λ.
+  """
+  coarse_weight: float = 1.0
+  hierarchy_loss_weight: float = 1.0
+  resatt_base: str = "direct"
+  resatt_attention: str = "softmax"
+  resatt_input_dependent: bool = False
+  resatt_masked: bool = False
+  resatt_dim: int = 64
+  resatt_lambda_init: float = 1.0
+
+  def __post_init__(self):
+    for key in ("coarse_weight", "hierarchy_loss_weight", "resatt_lambda_init"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"head option {key!r} must be a finite number, got {value!r}")
+      object.__setattr__(self, key, float(value))
+    for key in ("coarse_weight", "hierarchy_loss_weight"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"head option {key!r} must be >= 0, got {getattr(self, key)!r}")
+    for key, valid in (("resatt_base", RESATT_BASES), ("resatt_attention", RESATT_ATTENTIONS)):
+      if getattr(self, key) not in valid:
+        raise ConfigError(f"head option {key!r} must be one of {list(valid)}, got {getattr(self, key)!r}")
+    for key in ("resatt_input_dependent", "resatt_masked"):
+      if not isinstance(getattr(self, key), bool):
+        raise ConfigError(f"head option {key!r} must be true or false, got {getattr(self, key)!r}")
+    dim = self.resatt_dim
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+      raise ConfigError(f"head option 'resatt_dim' must be a positive integer, got {dim!r}")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any] | None) -> HeadOptions:
+    """Options from a config mapping; unknown keys and impossible values raise ConfigError."""
+    d = dict(d or {})
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in d if k not in valid)
+    if unknown:
+      raise ConfigError(f"unknown head option(s) {unknown}; valid options are {valid}")
+    return cls(**d)
+
+
+def _check(name: str, hierarchy: Hierarchy | None) -> None:
+  if name not in HEAD_NAMES:
+    raise ConfigError(f"unknown head {name!r}; valid heads are {list(HEAD_NAMES)}")
+  if name in HIERARCHICAL_HEADS and hierarchy is None:
+    raise ConfigError(
+        f"head {name!r} needs a coarse→fine tag hierarchy; give a hierarchy file, or use the {FLAT!r} head")
+
+
+def _dense_init(rng, in_dim: int, out_dim: int) -> Params:
+  return {"kernel": jax.nn.initializers.lecun_normal()(rng, (in_dim, out_dim), jnp.float32),
+          "bias": jnp.zeros((out_dim,), jnp.float32)}
+
+
+def _dense(params: Params, x: jax.Array) -> jax.Array:
+  return x @ params["kernel"] + params["bias"]
+
+
+def _has_direct_coarse(name: str, options: HeadOptions) -> bool:
+  return name in (MULTITASK, MULTITASK_HLOSS, TOP_DOWN) or (name == RESATT and options.resatt_base == "direct")
+
+
+def init_params(rng: jax.Array, name: str, embed_dim: int, num_fine: int, hierarchy: Hierarchy | None,
+                options: HeadOptions = HeadOptions()) -> Params:
+  """Initial parameters of head `name`; `rng` is the only traced input (usable as a Flax `self.param` init)."""
+  _check(name, hierarchy)
+  if hierarchy is not None and hierarchy.num_fine != num_fine:
+    raise ConfigError(f"the hierarchy has {hierarchy.num_fine} fine tags but the dataset has {num_fine}")
+  k_fine, k_coarse, k_q, k_k, k_qs, k_ks = jax.random.split(rng, 6)
+  params = {"fine": _dense_init(k_fine, embed_dim, num_fine)}
+  if _has_direct_coarse(name, options):
+    params["coarse"] = _dense_init(k_coarse, embed_dim, hierarchy.num_coarse)
+  if name == RESATT:
+    d = options.resatt_dim
+    # Unit-variance queries and keys give Q Kᵀ/√d of unit variance: a soft, not yet decided, initial map.
+    normal = jax.nn.initializers.normal(stddev=1.0)
+    resatt = {"queries": normal(k_q, (hierarchy.num_coarse, d), jnp.float32),
+              "keys": normal(k_k, (num_fine, d), jnp.float32),
+              "lambda": jnp.asarray(options.resatt_lambda_init, jnp.float32)}
+    if options.resatt_input_dependent:
+      resatt["query_shift"] = _dense_init(k_qs, embed_dim, d)
+      resatt["key_shift"] = _dense_init(k_ks, embed_dim, d)
+    params["resatt"] = resatt
+  return params
+
+
+def grouped_max(fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Array:
+  """z_c[j] = max over the children i of j of z_f[i]: (..., F) → (..., C)."""
+  member = jnp.asarray(hierarchy.mask, bool)
+  # Every group has a child, so -inf never wins; where() passes no gradient to the masked entries.
+  return jnp.max(jnp.where(member, fine_logits[..., None, :], -jnp.inf), axis=-1)
+
+
+def derive_coarse_logits(fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Array:
+  """Coarse logits of a flat model by the max rule: P_c[j] = max of its children's P_f (sigmoid is monotonic)."""
+  return grouped_max(jnp.asarray(fine_logits), hierarchy)
+
+
+def _top_down_fine_logits(coarse_logits: jax.Array, fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Array:
+  """logit(σ(a)·σ(b)) with a = z_c[parent], b = z_f, without leaving log space.
+
+  log P = log σ(a) + log σ(b) = a + b − softplus(a) − softplus(b), and
+  log(1 − P) = log((1 + eᵃ + eᵇ)/((1 + eᵃ)(1 + eᵇ))) = logsumexp(0, a, b) − softplus(a) − softplus(b),
+  so logit P = log P − log(1 − P) = a + b − logsumexp(0, a, b): no 1 − P that rounds to 0 when both saturate,
+  and finite gradients (a softmax) everywhere.
+  """
+  a = coarse_logits[..., jnp.asarray(hierarchy.parent)]
+  b = fine_logits
+  lse = jax.nn.logsumexp(jnp.stack([jnp.zeros_like(b), a, b], axis=-1), axis=-1)
+  # b − lse ≤ 0 in exact arithmetic, but rounding may put it an ulp above 0; the clamp keeps P_f ≤ P_c in floats.
+  return a + jnp.minimum(b - lse, 0.0)
+
+
+def _resatt_attention(params: Params, embedding: jax.Array, hierarchy: Hierarchy, options: HeadOptions) -> jax.Array:
+  """The attention map A, (1, C, F) or, input-dependent, (B, C, F), entries in [0, 1]."""
+  queries = params["queries"][None]  # (1, C, d)
+  keys = params["keys"][None]  # (1, F, d)
+  if options.resatt_input_dependent:
+    queries = queries + _dense(params["query_shift"], embedding)[:, None, :]
+    keys = keys + _dense(params["key_shift"], embedding)[:, None, :]
+  scores = jnp.einsum("bcd,bfd->bcf", queries, keys) / math.sqrt(options.resatt_dim)
+  member = jnp.asarray(hierarchy.mask, bool)
+  if options.resatt_attention == "softmax":
+    # Every coarse tag has a child, so a masked row never is all -inf.
+    return jax.nn.softmax(jnp.where(member, scores, -jnp.inf) if options.resatt_masked else scores, axis=-1)
+  attention = jax.nn.sigmoid(scores)
+  return attention * jnp.asarray(hierarchy.mask, attention.dtype) if options.resatt_masked else attention
+
+
+def apply(name: str, params: Params, embedding: jax.Array, hierarchy: Hierarchy | None,
+          options: HeadOptions = HeadOptions()) -> HeadOutputs:
+  """Fine and coarse logits of head `name` for embeddings (B, D)."""
+  _check(name, hierarchy)
+  fine = _dense(params["fine"], embedding)
+  if name == FLAT:
+    return HeadOutputs(fine)
+  if name in (MULTITASK, MULTITASK_HLOSS):
+    return HeadOutputs(fine, _dense(params["coarse"], embedding))
+  if name == TOP_DOWN:
+    coarse = _dense(params["coarse"], embedding)
+    return HeadOutputs(_top_down_fine_logits(coarse, fine, hierarchy), coarse)
+  if name == GMP:
+    coarse = grouped_max(fine, hierarchy)
+    picked = jnp.where(jnp.asarray(hierarchy.mask, bool), fine[:, None, :], -jnp.inf)
+    one_hot = jax.nn.one_hot(jnp.argmax(picked, axis=-1), hierarchy.num_fine, dtype=fine.dtype)
+    return HeadOutputs(fine, coarse, jax.lax.stop_gradient(one_hot))
+  # RESATT
+  resatt = params["resatt"]
+  attention = _resatt_attention(resatt, embedding, hierarchy, options)
+  base = _dense(params["coarse"], embedding) if options.resatt_base == "direct" else grouped_max(fine, hierarchy)
+  coarse = base + resatt["lambda"] * jnp.einsum("bcf,bf->bc", attention, fine)
+  return HeadOutputs(fine, coarse, attention)
+
+
+def _mean(per_entry: jax.Array, example_weights: jax.Array | None) -> jax.Array:
+  """Mean over tags (last axis) and examples, the examples weighted when weights are given."""
+  per_example = jnp.mean(per_entry, axis=-1)
+  if example_weights is None:
+    return jnp.mean(per_example)
+  return jnp.sum(per_example * example_weights) / jnp.maximum(jnp.sum(example_weights), 1e-12)
+
+
+def _bce(logits: jax.Array, targets: jax.Array, example_weights: jax.Array | None) -> jax.Array:
+  """BCE with logits, softplus(z) − y·z: stable for any z."""
+  return _mean(jax.nn.softplus(logits) - targets * logits, example_weights)
+
+
+def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array | None,
+         hierarchy: Hierarchy | None, options: HeadOptions = HeadOptions(),
+         example_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Training loss of head `name` and its unweighted parts.
+
+  Args:
+    outputs: what `apply` returned.
+    fine_targets: (B, F) in [0, 1].
+    coarse_targets: (B, C), or None to derive them from the fine targets (a coarse tag is present iff a child is).
+      Ignored by `flat`.
+    example_weights: optional (B,) weights (e.g. 0 for padding examples); the mean over examples is weighted.
+
+  Returns:
+    (total, parts) with parts `fine_bce`, and, where the head has them, `coarse_bce` and `hierarchy`.
+  """
+  _check(name, hierarchy)
+  fine_targets = jnp.asarray(fine_targets, outputs.fine_logits.dtype)
+  parts = {"fine_bce": _bce(outputs.fine_logits, fine_targets, example_weights)}
+  total = parts["fine_bce"]
+  if name == FLAT:
+    return total, parts
+  if coarse_targets is None:
+    coarse_targets = grouped_max(fine_targets, hierarchy)
+  coarse_targets = jnp.asarray(coarse_targets, outputs.coarse_logits.dtype)
+  parts["coarse_bce"] = _bce(outputs.coarse_logits, coarse_targets, example_weights)
+  total = total + options.coarse_weight * parts["coarse_bce"]
+  if name == MULTITASK_HLOSS:
+    fine_probs = jax.nn.sigmoid(outputs.fine_logits)
+    parent_probs = jax.nn.sigmoid(outputs.coarse_logits)[..., jnp.asarray(hierarchy.parent)]
+    parts["hierarchy"] = _mean(jnp.square(jax.nn.relu(fine_probs - parent_probs)), example_weights)
+    total = total + options.hierarchy_loss_weight * parts["hierarchy"]
+  return total, parts
