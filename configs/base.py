@@ -20,7 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
       resatt_input_dependent=False, resatt_masked=False, resatt_dim=64, resatt_lambda_init=1.0))
   model.hierarchy_file = ""  # coarse → fine JSON/YAML; empty: the dataset's own (hierarchical sets)
   model.head_dropout = 0.5
-  model.dtype = "float32"  # compute dtype; 'bfloat16' on GPU/TPU (parameters stay float32)
   model.features = ml_collections.ConfigDict(dict(
       sample_rate=16000, n_fft=512, hop_length=256, n_mels=96, f_min=0.0, f_max=8000.0,
       mel_scale="slaney",  # 'slaney' (librosa's default, A's reference) | 'htk' (torchaudio's default)

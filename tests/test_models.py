@@ -204,7 +204,6 @@ def test_learned_positions_refuse_longer_inputs_clearly():
     (dict(backend="lstm"), r"model.backend='lstm': valid back-ends are"),
     (dict(backend="cnn_l"), r"model.backend='cnn_l' does not follow the 'spec' front-end"),
     (dict(head="tree"), r"unknown head 'tree'"),
-    (dict(dtype="float16"), r"model.dtype='float16'"),
 ])
 def test_bad_model_config_names_the_key(override, message):
   config = base.get_config()

@@ -14,7 +14,6 @@ from flaxtag.models import backends, frontends, heads
 
 FRONTENDS = ("spec", "raw")
 BACKENDS = {"spec": ("attention", "cnn_p"), "raw": ("attention", "cnn_l")}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class MusicTagger(nn.Module):
@@ -64,8 +63,12 @@ def _fields(cls, values: dict, section: str):
   return cls(**values)
 
 
-def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | None = None) -> MusicTagger:
-  """The model described by `config.model`, with a clear error for any unknown or inconsistent choice."""
+def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | None = None,
+                half_precision: bool = False) -> MusicTagger:
+  """The model described by `config.model`, with a clear error for any unknown or inconsistent choice.
+
+  half_precision: compute in bfloat16 (GPU/TPU); parameters, log-mel features and the head stay float32.
+  """
   cfg = model_config
   if cfg.frontend not in FRONTENDS:
     raise ConfigError(f"model.frontend={cfg.frontend!r}: valid front-ends are {list(FRONTENDS)}.")
@@ -75,8 +78,6 @@ def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | 
       raise ConfigError(f"model.backend={cfg.backend!r}: valid back-ends are {valid}.")
     raise ConfigError(f"model.backend={cfg.backend!r} does not follow the {cfg.frontend!r} front-end; "
                       f"it takes {list(BACKENDS[cfg.frontend])}.")
-  if cfg.dtype not in DTYPES:
-    raise ConfigError(f"model.dtype={cfg.dtype!r}: use one of {list(DTYPES)}.")
   if cfg.conv_channels < 1 or cfg.num_tags < 1:
     raise ConfigError(f"model.conv_channels and model.num_tags must be positive, got {cfg.conv_channels} and "
                       f"{cfg.num_tags}.")
@@ -91,7 +92,7 @@ def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | 
       head_options=heads.HeadOptions.from_dict(cfg.head_options.to_dict()),
       hierarchy=hierarchy,
       head_dropout=cfg.head_dropout,
-      dtype=DTYPES[cfg.dtype],
+      dtype=jnp.bfloat16 if half_precision else jnp.float32,
   )
 
 

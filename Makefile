@@ -1,0 +1,36 @@
+# The two commands of a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,synth
+
+.PHONY: demo test install system-deps clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+# FluidSynth renders the synthetic multi-instrument dataset. Installed here when run as root (Debian/Ubuntu).
+system-deps:
+	@if ldconfig -p 2>/dev/null | grep -q libfluidsynth; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing libfluidsynth3 (FluidSynth) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfluidsynth3 >/dev/null; \
+	else \
+	  echo "flaxtag needs the FluidSynth library for the synthetic dataset; install it, e.g."; \
+	  echo "  sudo apt-get install libfluidsynth3   (Debian/Ubuntu)   or   brew install fluid-synth   (macOS)"; \
+	  exit 1; \
+	fi
+
+test: install system-deps
+	$(PY) -m pytest -q tests
+
+demo: install system-deps
+	$(PY) -m flaxtag.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,66 @@
+"""Layer table of the model a config describes: output shape and parameters of every module.
+
+  python -m flaxtag.summary --config configs/mtat_spec_att.py [--config.model.conv_channels=8] [--depth 2]
+"""
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from flaxtag import cli
+from flaxtag.models import tagger
+
+
+def _walk(tree, prefix=()):
+  """(path tuple, leaf) of a nested dict."""
+  for key, value in tree.items():
+    if isinstance(value, dict) or hasattr(value, "items"):
+      yield from _walk(value, (*prefix, key))
+    else:
+      yield (*prefix, key), value
+
+
+def layer_rows(model: tagger.MusicTagger, depth: int) -> list[tuple[str, str, int]]:
+  """(module path, output shape for one crop, parameter count) for modules up to `depth` levels deep."""
+  example = jax.ShapeDtypeStruct((1, tagger.crop_samples(model)), jnp.float32)
+  variables = tagger.abstract_variables(model)
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]), variables, example)
+  rows = {}  # path → [output shape, parameters]
+  for keys, leaf in _walk(state["intermediates"]):
+    if keys[-1] == "__call__" and 0 < len(keys) - 1 <= depth and "Dropout" not in keys[-2]:
+      rows.setdefault("/".join(keys[:-1]), [str(tuple(leaf[0].shape if isinstance(leaf, tuple) else leaf.shape)), 0])
+  for keys, leaf in _walk(variables["params"]):
+    for d in range(1, min(depth, len(keys) - 1) + 1):
+      rows.setdefault("/".join(keys[:d]), ["", 0])[1] += leaf.size
+  stage = {"frontend": 0, "backend": 1, "head": 2}  # intermediates come back key-sorted; show data-flow order
+  ordered = sorted(rows, key=lambda name: stage.get(name.split("/")[0], 3))
+  return [(name, *rows[name]) for name in ordered]
+
+
+def summary_text(model: tagger.MusicTagger, depth: int = 2) -> str:
+  rows = layer_rows(model, depth)
+  width = max(len(r[0]) for r in rows) + 2
+  lines = [f"{model.frontend} front-end + {model.backend} back-end, head '{model.head}', c={model.conv_channels}, "
+           f"{model.num_tags} tags; output shapes for one {tagger.crop_samples(model):,}-sample crop",
+           f"{'module':<{width}}{'output':<24}{'parameters':>12}"]
+  lines += [f"{name:<{width}}{shape:<24}{count:>12,}" for name, shape, count in rows]
+  variables = tagger.abstract_variables(model)
+  stats = tagger.count_parameters(variables.get("batch_stats", {}))
+  lines.append(f"BatchNorm statistics (not trained): {stats:,}")
+  lines.append(f"trainable parameters: {tagger.count_parameters(variables['params'])}")
+  return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_DEPTH = flags.DEFINE_integer("depth", 2, "How many levels of modules to list.")
+
+
+def main(argv):
+  del argv
+  print(summary_text(tagger.build_model(_CONFIG.value.model), _DEPTH.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  cli.run(main)

@@ -1,0 +1,90 @@
+"""The train state and the jit-compiled train and eval steps over a device mesh.
+
+The train step is one function of (state, batch) → (state, metrics). Its dropout key is derived from the run's
+seed and the step number, never from Python state, so a resumed run draws the same masks. BatchNorm statistics
+are those of the global batch: under `jax.jit` the batch is one array sharded over the mesh, and XLA reduces
+across devices.
+"""
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxtag import optim, sharding
+from flaxtag.models import heads
+from flaxtag.models.tagger import MusicTagger, crop_samples
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self):
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(model: MusicTagger, tx: optax.GradientTransformation, rng: jax.Array, mesh) -> TrainState:
+  """Initial state, replicated over the mesh."""
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, crop_samples(model)), jnp.float32))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+
+
+def make_train_step(model: MusicTagger, tx: optax.GradientTransformation, seed: int, mesh):
+  """A jit-compiled step: batch {'audio': (B, crop), 'labels': (B, F)[, 'coarse_labels': (B, C)]}."""
+  base_key = jax.random.key(seed)
+
+  def loss_fn(params, state, batch, dropout_key):
+    outputs, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["audio"], train=True,
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    loss, parts = heads.loss(model.head, outputs, batch["labels"], batch.get("coarse_labels"), model.hierarchy,
+                             model.head_options)
+    return loss, (parts, updates["batch_stats"])
+
+  def step(state: TrainState, batch):
+    dropout_key = jax.random.fold_in(base_key, state.step)
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, batch, dropout_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+               "learning_rate": optim.current_learning_rate(opt_state),
+               "optimizer_phase": optim.optimizer_phase(opt_state)}
+    return new_state, metrics
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_predict_step(model: MusicTagger, mesh):
+  """A jit-compiled eval step: audio (B, crops, samples) → crop-averaged sigmoid outputs (fine, coarse or None).
+
+  For a flat head on a hierarchical dataset the coarse outputs follow the max rule (SPEC §5).
+  """
+
+  def predict(variables, audio):
+    batch, crops = audio.shape[:2]
+    outputs = model.apply(variables, audio.reshape(batch * crops, *audio.shape[2:]), train=False)
+    coarse = outputs.coarse_logits
+    if coarse is None and model.hierarchy is not None:
+      coarse = heads.derive_coarse_logits(outputs.fine_logits, model.hierarchy)
+    average = lambda logits: None if logits is None else jax.nn.sigmoid(logits).reshape(batch, crops, -1).mean(1)
+    return average(outputs.fine_logits), average(coarse)
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(predict, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
