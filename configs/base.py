@@ -5,6 +5,8 @@ Experiment files import this and change a few fields. On the command line:
 """
 import ml_collections
 
+from flaxtag import optim
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -33,8 +35,22 @@ def get_config() -> ml_collections.ConfigDict:
       max_positions=512))
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = "mtat/top50_clean"
+  data.name = "mtat/top50_clean"  # a dataset built by `python -m data_prep.build`
   data.data_dir = "~/tensorflow_datasets"
+  data.worker_count = 2  # grain worker processes per host
 
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 16  # global: split over all devices of all hosts
+  train.eval_batch_size = 16  # clips (×16 crops each)
+  train.num_epochs = 200
+  train.log_every_steps = 50
+  train.checkpoints_to_keep = 2  # the latest k, plus the best by validation ROC-AUC
+
+  config.optim = optim.recipe_config()  # Adam 1e-4 → SGD (Nesterov 0.9, wd 1e-4) 1e-3 at epoch 60, ×0.1 at 80, 100
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.model = 1  # devices per model replica (the second mesh axis); data parallelism uses the rest
+
+  config.half_precision = False  # bfloat16 compute on GPU/TPU; parameters stay float32
   config.seed = 0
   return config

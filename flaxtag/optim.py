@@ -51,6 +51,25 @@ def default_optim_config(steps_per_epoch: int = MTAT_STEPS_PER_EPOCH) -> ml_coll
   return c
 
 
+def recipe_config() -> ml_collections.ConfigDict:
+  """`config.optim` of a run: the recipe with its switch points in epochs (see `in_steps`)."""
+  c = default_optim_config(steps_per_epoch=1)
+  del c.switch_step, c.sgd_lr_boundaries
+  c.switch_epoch = 60
+  c.sgd_lr_drop_epochs = (80, 100)
+  return c
+
+
+def in_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_collections.ConfigDict:
+  """`make_optimizer`'s config from a run's epoch-denominated `config.optim`."""
+  values = config.to_dict()
+  values["switch_step"] = int(values.pop("switch_epoch") * steps_per_epoch)
+  values["sgd_lr_boundaries"] = tuple(int(e * steps_per_epoch) for e in values.pop("sgd_lr_drop_epochs"))
+  c = ml_collections.ConfigDict(values)
+  validate_optim_config(c)
+  return c
+
+
 def _is_step(x) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
 
@@ -183,7 +202,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(scale_by_adam_then_sgd(config), optax.scale(-1.0))
 
 
-def _switch_state(opt_state: Any) -> AdamThenSgdState:
+def switch_state(opt_state: Any) -> AdamThenSgdState:
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, AdamThenSgdState))
            if isinstance(s, AdamThenSgdState)]
   if len(found) != 1:
@@ -193,9 +212,9 @@ def _switch_state(opt_state: Any) -> AdamThenSgdState:
 
 def optimizer_phase(opt_state: Any) -> jax.Array:
   """0 if the next update is Adam, 1 if it is SGD (the training loop reloads the best params when it turns 1)."""
-  return _switch_state(opt_state).phase
+  return switch_state(opt_state).phase
 
 
 def current_learning_rate(opt_state: Any) -> jax.Array:
   """The learning rate of the next update, for logging."""
-  return _switch_state(opt_state).learning_rate
+  return switch_state(opt_state).learning_rate

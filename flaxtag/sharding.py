@@ -29,8 +29,9 @@ def _in_cluster() -> bool:
   return ("SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1) or "TPU_WORKER_HOSTNAMES" in os.environ
 
 
-def make_mesh(model_axis_size: int = 1) -> Mesh:
-  devices = jax.devices()
+def make_mesh(model_axis_size: int = 1, devices=None) -> Mesh:
+  """A (data, model) mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
   if model_axis_size < 1 or len(devices) % model_axis_size:
     raise ConfigError(f"mesh.model={model_axis_size} must divide the {len(devices)} devices.")
   shape = (len(devices) // model_axis_size, model_axis_size)

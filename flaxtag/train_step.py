@@ -61,7 +61,7 @@ def make_train_step(model: MusicTagger, tx: optax.GradientTransformation, seed: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            batch_stats=batch_stats, opt_state=opt_state)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                "learning_rate": optim.current_learning_rate(opt_state),
                "optimizer_phase": optim.optimizer_phase(opt_state)}
     return new_state, metrics
@@ -72,19 +72,26 @@ def make_train_step(model: MusicTagger, tx: optax.GradientTransformation, seed: 
 
 
 def make_predict_step(model: MusicTagger, mesh):
-  """A jit-compiled eval step: audio (B, crops, samples) → crop-averaged sigmoid outputs (fine, coarse or None).
+  """A jit-compiled eval step on a global batch {'audio': (B, crops, samples), ...}.
 
-  For a flat head on a hierarchical dataset the coarse outputs follow the max rule (SPEC §5).
+  Returns crop-averaged sigmoid outputs `fine_probs` (and `coarse_probs` for hierarchical models; for a flat head
+  they follow the max rule of SPEC §5) together with the batch's other entries (labels, mask, clip index),
+  replicated so that every process holds the whole global batch in one row order.
   """
 
-  def predict(variables, audio):
-    batch, crops = audio.shape[:2]
-    outputs = model.apply(variables, audio.reshape(batch * crops, *audio.shape[2:]), train=False)
+  def predict(variables, batch):
+    audio = batch["audio"]
+    size, crops = audio.shape[:2]
+    outputs = model.apply(variables, audio.reshape(size * crops, *audio.shape[2:]), train=False)
     coarse = outputs.coarse_logits
     if coarse is None and model.hierarchy is not None:
       coarse = heads.derive_coarse_logits(outputs.fine_logits, model.hierarchy)
-    average = lambda logits: None if logits is None else jax.nn.sigmoid(logits).reshape(batch, crops, -1).mean(1)
-    return average(outputs.fine_logits), average(coarse)
+    average = lambda logits: jax.nn.sigmoid(logits).reshape(size, crops, -1).mean(1)
+    result = {k: v for k, v in batch.items() if k != "audio"}
+    result["fine_probs"] = average(outputs.fine_logits)
+    if coarse is not None:
+      result["coarse_probs"] = average(coarse)
+    return result
 
   replicated = sharding.replicated(mesh)
   return jax.jit(predict, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
