@@ -11,9 +11,10 @@ def run(main):
   """Runs `main(argv)` under absl; a FlaxtagError prints `error: <message>` and exits with status 2."""
 
   def guarded(argv):
-    # Orbax and JAX log every step of a save or restore at INFO; a user wants our progress lines only.
-    if "--verbosity" not in " ".join(sys.argv) and "-v" not in sys.argv:
-      logging.set_verbosity(logging.WARNING)
+    # Orbax and JAX log every save and restore (and read-only opens as warnings); commands print their own
+    # progress, so library logs show only errors unless --verbosity is given.
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+      logging.set_verbosity(logging.ERROR)
     try:
       return main(argv)
     except FlaxtagError as e:

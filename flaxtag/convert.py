@@ -141,23 +141,23 @@ def convert(reference_path, config, workdir, tag_names=None):
   return variables
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file describing the reference architecture.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the orbax checkpoint.", required=True)
-_TAGS = flags.DEFINE_string("tags", None, "Optional text file of tag names, one per line, in output order.")
-
-
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m flaxtag.convert REF.pth --config CONFIG --workdir OUT")
+  f = flags.FLAGS
   tag_names = None
-  if _TAGS.value:
-    with open(_TAGS.value) as f:
-      tag_names = [line.strip() for line in f if line.strip()]
-  variables = convert(argv[1], _CONFIG.value, _WORKDIR.value, tag_names)
+  if f.tags:
+    with open(f.tags) as tags_file:
+      tag_names = [line.strip() for line in tags_file if line.strip()]
+  variables = convert(argv[1], f.config, f.workdir, tag_names)
   n = tagger.count_parameters(variables["params"])
-  print(f"converted {argv[1]} ({n:,} parameters) → {checkpoint.checkpoint_dir(_WORKDIR.value)}/0", file=sys.stdout)
+  print(f"converted {argv[1]} ({n:,} parameters) → {checkpoint.checkpoint_dir(f.workdir)}/0", file=sys.stdout)
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file describing the reference architecture.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory for the orbax checkpoint.", required=True)
+  flags.DEFINE_string("tags", None, "Optional text file of tag names, one per line, in output order.")
+  flags.mark_flag_as_required("config")
   cli.run(main)

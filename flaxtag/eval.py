@@ -1,13 +1,23 @@
-"""Evaluation (SPEC §7): 16-crop predictions over a split and the metric report.
+"""Evaluation (SPEC §7): 16-crop predictions over a split, the metric report, and `python -m flaxtag.eval`.
 
-The library part (`predict_split`, `report`) is used by the trainer after every epoch and by
-`python -m flaxtag.eval`.
+  python -m flaxtag.eval --workdir runs/spec_att [--checkpoint best|latest|STEP] [--split test] [--data_dir D]
+                         [--output report.json] [--predictions preds.npz]
+
+The library part (`predict_split`, `report`) is also what the trainer runs after every epoch.
 """
+import json
+
+from absl import flags
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from flaxtag import metrics, sharding
+from flaxtag import cli, input_pipeline, metrics, sharding
+from flaxtag.errors import DatasetError
 from flaxtag.hierarchy import Hierarchy
+from flaxtag.inference import Tagger
+from flaxtag.models.tagger import crop_samples
+from flaxtag.train_step import make_predict_step
 
 
 def predict_split(predict_step, variables, batches, mesh, num_batches: int | None = None,
@@ -48,3 +58,78 @@ def headline(result: dict) -> dict[str, float]:
     scalars.update(coarse_roc_auc=result["coarse"]["macro_roc_auc"], coarse_pr_auc=result["coarse"]["macro_pr_auc"],
                    violation_rate=result["violation_rate"])
   return scalars
+
+
+def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=None, batch_size=None):
+  """Loads a checkpoint read-only, runs the 16-crop evaluation of `split` over all local devices.
+
+  Returns (report, predictions, tagger). `data_dir` and the batch size default to the run's config.
+  """
+  tagger = Tagger.load(workdir, checkpoint_step)
+  config = tagger.config
+  data_dir = data_dir or config.data.data_dir
+  info = input_pipeline.dataset_info(data_dir, config.data.name)
+  if list(info.tags) != tagger.tag_names:
+    raise DatasetError(f"{config.data.name} in {data_dir} has tags {list(info.tags)[:5]}..., but the checkpoint was "
+                       f"trained for {tagger.tag_names[:5]}...; evaluate on the dataset it was trained on.")
+  if split not in info.split_sizes:
+    raise DatasetError(f"{config.data.name} has no split {split!r}; it has {sorted(info.split_sizes)}.")
+  mesh = sharding.make_mesh()
+  size = sharding.check_global_batch_size(batch_size or config.train.eval_batch_size, mesh, "--batch_size")
+  batches = input_pipeline.eval_batches(data_dir, config.data.name, split=split, batch_size=size,
+                                        crop_len=crop_samples(tagger.model))
+  num_batches = input_pipeline.num_eval_batches(info.split_sizes[split], size, jax.process_count())
+  predictions = predict_split(make_predict_step(tagger.model, mesh), tagger.variables, batches, mesh, num_batches,
+                              progress=f"{split} ({info.split_sizes[split]} clips)")
+  result = report(predictions, info.tags, tagger.model.hierarchy)
+  result.update(split=split, dataset=config.data.name, data_dir=str(data_dir), checkpoint_step=tagger.metadata["step"],
+                workdir=str(workdir))
+  return result, predictions, tagger
+
+
+def format_report(result: dict, per_tag: bool = True) -> str:
+  """A readable console summary: macro scores per level, then per-tag scores (worst first)."""
+  lines = [f"{result['dataset']} / {result['split']}: {result['num_clips']} clips, checkpoint step "
+           f"{result['checkpoint_step']} of {result['workdir']}"]
+  for level in ("fine", "coarse"):
+    if level not in result:
+      continue
+    m = result[level]
+    lines.append(f"{level:>6}: macro ROC-AUC {m['macro_roc_auc']:.4f}  PR-AUC {m['macro_pr_auc']:.4f}  "
+                 f"({len(m['evaluated'])} tags)")
+    if m["left_out"]:
+      lines.append(f"        left out of the means: " + ", ".join(f"{t} ({why})" for t, why in m["left_out"].items()))
+  if "violation_rate" in result:
+    lines.append(f"hierarchy violation rate: {result['violation_rate']:.4f}")
+  if per_tag:
+    m = result["fine"]
+    width = max(len(t) for t in m["evaluated"]) + 2 if m["evaluated"] else 6
+    lines.append(f"\n{'tag':<{width}}{'ROC-AUC':>9}{'PR-AUC':>9}")
+    for tag in sorted(m["evaluated"], key=lambda t: m["roc_auc"][t]):
+      lines.append(f"{tag:<{width}}{m['roc_auc'][tag]:>9.4f}{m['pr_auc'][tag]:>9.4f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  result, predictions, tagger = evaluate_checkpoint(f.workdir, f.checkpoint, f.split, f.data_dir, f.batch_size)
+  print(format_report(result))
+  if f.output:
+    with open(f.output, "w") as out:
+      json.dump(result, out, indent=1, default=float)
+    print(f"report: {f.output}")
+  if f.predictions:
+    np.savez(f.predictions, tag_names=np.array(tagger.tag_names), **predictions)
+    print(f"per-clip predictions: {f.predictions}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (from flaxtag.train or convert).", required=True)
+  flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
+  flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
+  flags.DEFINE_string("data_dir", None, "Where the dataset was built; default: the run's config.")
+  flags.DEFINE_integer("batch_size", None, "Clips per batch (×16 crops); default: the run's config.")
+  flags.DEFINE_string("output", None, "Write the full report (per-tag metrics) as JSON here.")
+  flags.DEFINE_string("predictions", None, "Save per-clip probabilities and labels (.npz) here.")
+  cli.run(main)

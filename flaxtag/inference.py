@@ -1,35 +1,107 @@
 """Inference API: a trained or converted model loaded from its workdir.
 
   tagger = flaxtag.Tagger.load("runs/spec_att")
-  probs = tagger.probs(waveforms)  # (B, samples) at 16 kHz, or (B, 96, frames) log-mel for Spec models
+  scores = tagger.tag_waveform(tagger.load_clip("song.mp3"))  # 16 evenly spaced crops, probabilities averaged
+  scores.fine, scores.coarse                                  # (num_tags,), (num_coarse,) or None
+  for result in tagger.tag_files(["a.mp3", "b.wav"]):         # crops of many files in fixed-size batches
+    print(result.path, result.error or result.scores.fine)
+  fine, coarse = tagger.predict(batch)                        # (B, samples), or (B, 96, frames) log-mel for Spec
 
-Inference mode: dropout off, BatchNorm uses its running statistics.
+Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
+(`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
+replicated; `Tagger._run` is the one place here that places arrays), with batch sizes rounded up to a multiple of
+the device count.
 """
-import functools
+import collections
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flaxtag import checkpoint
+from flaxtag import audio, checkpoint, sharding
+from flaxtag.errors import FlaxtagError
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
+NUM_CROPS = 16  # SPEC §1: evaluation crops per clip.
+BATCH_SIZE = 16
+# Shorter clips are refused: a crop would be mostly zero padding, and its tags mostly about the padding.
+MIN_CLIP_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Tag probabilities of one clip.
+
+  fine: (num_tags,) whole-clip probabilities (the mean over crops) or, for a timeline, (n, num_tags), one row a crop.
+  coarse: the same for the coarse tags of a hierarchical model (derived by the max rule for a flat head that has a
+    hierarchy); None for models without one.
+  starts: (n,) start time in seconds of each crop scored.
+  crop_seconds: length of one crop in seconds.
+  duration: length of the clip in seconds.
+  """
+  fine: np.ndarray
+  coarse: np.ndarray | None
+  starts: np.ndarray
+  crop_seconds: float
+  duration: float
+
+  @property
+  def ends(self) -> np.ndarray:
+    """(n,) end time of each crop in seconds; a crop zero-padded past the end of the clip ends with the clip."""
+    return np.minimum(self.starts + self.crop_seconds, self.duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+  """One forward pass of a batch, shown from inside (`Tagger.inspect`).
+
+  fine, coarse: probabilities as `Tagger.predict` gives them.
+  attention: for an attention back-end, every encoder layer's attention probabilities (after softmax, before
+    dropout), (B, heads, T+1, T+1) each, token 0 being [CLS]; an empty list for CNN back-ends.
+  head_attention: (B, num_coarse, num_fine), the coarse × fine map of a ResAtt (or GMP) head, else None.
+  """
+  fine: np.ndarray
+  coarse: np.ndarray | None
+  attention: list[np.ndarray]
+  head_attention: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FileResult:
+  """What `tag_files` found for one file: scores, or the reason the file could not be tagged."""
+  path: str
+  scores: Scores | None = None
+  error: str | None = None
+
 
 class Tagger:
-  """A model with its variables, config and metadata (tag names, hierarchy)."""
+  """A model with its variables, config and metadata (tag names, hierarchy), ready to tag audio."""
 
-  def __init__(self, model: tagger.MusicTagger, variables, config: ml_collections.ConfigDict, metadata: dict):
+  def __init__(self, model: tagger.MusicTagger, variables, config: ml_collections.ConfigDict, metadata: dict,
+               devices: Sequence[jax.Device] | None = None):
     self.model = model
-    self.variables = variables
     self.config = config
     self.metadata = metadata
-    self._apply = jax.jit(functools.partial(model.apply, train=False))
+    self.devices = list(devices) if devices else jax.local_devices()
+    self.mesh = sharding.make_mesh(devices=self.devices)
+    self._batch_sharding = sharding.batch_sharding(self.mesh)
+    self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
+    self._outputs_fn = jax.jit(self._outputs_impl)
+    self._probs_fn = jax.jit(self._probs_impl)
+    self._inspect_fn = jax.jit(self._inspect_impl)
 
   @classmethod
-  def load(cls, workdir, checkpoint_step: str | int = "best") -> "Tagger":
-    """Loads `best` (by validation ROC-AUC), `latest`, or a step number from WORKDIR/checkpoints."""
+  def load(cls, workdir, checkpoint_step: str | int = "best", devices: Sequence[jax.Device] | None = None
+           ) -> "Tagger":
+    """Loads `best` (by validation ROC-AUC), `latest`, or a step number from WORKDIR/checkpoints.
+
+    `devices` (default: all local devices) are those batches are split over.
+    """
     manager = checkpoint.open_manager(workdir, read_only=True)
     step = checkpoint.resolve_step(manager, checkpoint_step)
     config, metadata = checkpoint.load_config(manager, step)
@@ -40,21 +112,266 @@ class Tagger:
     model = tagger.build_model(config.model, hierarchy)
     variables = checkpoint.restore_variables(manager, step, tagger.abstract_variables(model))
     manager.close()
-    return cls(model, variables, config, {**metadata, "step": step})
+    return cls(model, variables, config, {**metadata, "step": step}, devices)
+
+  # --------------------------------------------------------------------------------------------------------------------
+  # What the model is.
 
   @property
   def tag_names(self) -> list[str]:
+    """Fine tag names in output order (`tag_i` where the checkpoint names none)."""
     names = self.metadata.get("tag_names")
     return list(names) if names else [f"tag_{i}" for i in range(self.model.num_tags)]
+
+  @property
+  def hierarchy(self) -> Hierarchy | None:
+    return self.model.hierarchy
+
+  @property
+  def coarse_tag_names(self) -> list[str] | None:
+    """Coarse tag names of a model with a hierarchy, else None."""
+    return list(self.hierarchy.coarse_tags) if self.hierarchy else None
+
+  @property
+  def has_attention(self) -> bool:
+    return self.model.backend == "attention"
+
+  @property
+  def sample_rate(self) -> int:
+    return self.model.mel.sample_rate
 
   @property
   def crop_samples(self) -> int:
     return tagger.crop_samples(self.model)
 
+  @property
+  def crop_seconds(self) -> float:
+    return self.crop_samples / self.sample_rate
+
+  def round_batch(self, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the number of devices."""
+    n = len(self.devices)
+    return max(1, -(-batch_size // n)) * n
+
+  # --------------------------------------------------------------------------------------------------------------------
+  # Batches of crops.
+
   def outputs(self, batch) -> heads.HeadOutputs:
-    """Head outputs (logits) for a batch of waveforms or, for Spec models, log-mel spectrograms."""
-    return self._apply(self.variables, jnp.asarray(batch, jnp.float32))
+    """Head outputs (logits, numpy) for a batch of waveforms or, for Spec models, log-mel spectrograms.
+
+    The head's coarse × fine attention map, where it has one, is broadcast to (B, C, F).
+    """
+    return self._run(self._outputs_fn, [batch])
+
+  def predict(self, batch, forced_attention=None, batch_size: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fine (B, num_tags) and coarse (B, num_coarse) probabilities, coarse None for a model without a hierarchy.
+
+    forced_attention: optional (B, tokens + 1), replaces the last encoder layer's attention (SPEC §8).
+    batch_size: run in chunks of this many rows, the last one padded, so one compiled program serves every chunk;
+      default one chunk of the whole batch.
+    """
+    arrays = [batch] if forced_attention is None else [batch, forced_attention]
+    probs = self._run(self._probs_fn, arrays, batch_size)
+    fine = probs[:, :self.model.num_tags]
+    return fine, (probs[:, self.model.num_tags:] if self.hierarchy else None)
 
   def probs(self, batch) -> np.ndarray:
     """Sigmoid probabilities of the (fine) tags, (B, num_tags)."""
-    return np.asarray(jax.nn.sigmoid(self.outputs(batch).fine_logits))
+    return self.predict(batch)[0]
+
+  def inspect(self, batch) -> Inspection:
+    """One forward pass with what it can show: probabilities, every encoder layer's attention, the head's map."""
+    probs, layers, head_attention = self._run(self._inspect_fn, [batch])
+    fine = probs[:, :self.model.num_tags]
+    return Inspection(fine, probs[:, self.model.num_tags:] if self.hierarchy else None, layers, head_attention)
+
+  def _outputs_impl(self, variables, x):
+    out = self.model.apply(variables, x, train=False)
+    if out.attention is not None:
+      out = out._replace(attention=jnp.broadcast_to(out.attention, (x.shape[0],) + out.attention.shape[1:]))
+    return out
+
+  def _probs_impl(self, variables, x, forced=None):
+    return self._probabilities(self.model.apply(variables, x, train=False, forced_attention=forced))
+
+  def _probabilities(self, out: heads.HeadOutputs):
+    """Sigmoid of the fine logits, followed by the coarse ones where the model has a hierarchy."""
+    logits = out.fine_logits
+    if self.hierarchy is not None:
+      coarse = out.coarse_logits
+      if coarse is None:  # a flat head: coarse by the max rule (SPEC §5)
+        coarse = heads.derive_coarse_logits(logits, self.hierarchy)
+      logits = jnp.concatenate([logits, coarse], axis=-1)
+    return jax.nn.sigmoid(logits)
+
+  def _inspect_impl(self, variables, x):
+    out, state = self.model.apply(variables, x, train=False, mutable=["intermediates"])
+    layers = state.get("intermediates", {}).get("backend", {})
+    attention = [layers[f"layer_{i}"]["attention"][0] for i in range(len(layers))]
+    head_attention = None
+    if out.attention is not None:
+      head_attention = jnp.broadcast_to(out.attention, (x.shape[0],) + out.attention.shape[1:])
+    return self._probabilities(out), attention, head_attention
+
+  def _run(self, fn, arrays: Sequence, batch_size: int | None = None):
+    """fn(variables, *chunks) over chunks of `batch_size` rows (rounded up to a multiple of the device count) of
+    `arrays`, the batch axis sharded over the devices; the last chunk is zero-padded. Returns numpy, unpadded."""
+    n = len(arrays[0])
+    if n == 0:
+      raise ValueError("an empty batch")
+    size = self.round_batch(batch_size or n)
+    results = []
+    for start in range(0, n, size):
+      chunks = []
+      for a in arrays:
+        chunk = np.asarray(a[start:start + size], np.float32)
+        padding = [(0, size - len(chunk))] + [(0, 0)] * (chunk.ndim - 1)
+        chunks.append(jax.device_put(np.pad(chunk, padding), self._batch_sharding))
+      results.append((fn(self.variables, *chunks), min(size, n - start)))
+    # Converted after the loop, so that host work on the next chunk overlaps the device's work on this one.
+    results = [jax.tree_util.tree_map(lambda y, k=k: np.asarray(y)[:k], out) for out, k in results]
+    return jax.tree_util.tree_map(lambda *ys: np.concatenate(ys), *results)
+
+  # --------------------------------------------------------------------------------------------------------------------
+  # Clips.
+
+  def load_clip(self, path) -> np.ndarray:
+    """Decodes an audio file (any format libsndfile reads, any rate and channel count) to mono at the model's rate.
+
+    Raises AudioError if the file is unreadable, shorter than MIN_CLIP_SECONDS, or silent.
+    """
+    return self.check_clip(audio.load_audio(path, self.sample_rate), path)
+
+  def check_clip(self, waveform, path=None) -> np.ndarray:
+    """`waveform` as float32 if it is one mono clip the model can tag; else AudioError (too short, silent)."""
+    waveform = np.asarray(waveform, np.float32)
+    if waveform.ndim != 1:
+      raise ValueError(f"expected one mono waveform (samples,), got shape {waveform.shape}")
+    return audio.check_clip(waveform, int(MIN_CLIP_SECONDS * self.sample_rate), path, self.sample_rate)
+
+  def crop_offsets(self, num_samples: int, num_crops: int = NUM_CROPS) -> np.ndarray:
+    """Start samples of `num_crops` evenly spaced crops, offset step (L − crop)//num_crops (SPEC §1); [0] for a
+    clip no longer than one crop."""
+    if num_samples <= self.crop_samples:
+      return np.zeros(1, np.int64)
+    return np.arange(num_crops) * ((num_samples - self.crop_samples) // num_crops)
+
+  def timeline_offsets(self, num_samples: int, hop_seconds: float | None = None) -> np.ndarray:
+    """Start samples of consecutive crops `hop_seconds` apart (default: one crop length, no overlap); a last crop
+    ending at the end of the clip covers any remainder."""
+    hop = self.crop_samples if hop_seconds is None else int(round(hop_seconds * self.sample_rate))
+    if hop <= 0:
+      raise ValueError(f"hop_seconds must be positive, got {hop_seconds}")
+    last = max(num_samples - self.crop_samples, 0)
+    offsets = np.arange(0, last + 1, hop)
+    return offsets if offsets[-1] == last else np.append(offsets, last)
+
+  def cut_crops(self, waveform: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(len(offsets), crop_samples) crops starting at `offsets`; a clip shorter than a crop is zero-padded."""
+    if len(waveform) < self.crop_samples:
+      waveform = np.pad(waveform, (0, self.crop_samples - len(waveform)))
+    return np.stack([waveform[o:o + self.crop_samples] for o in offsets])
+
+  def crops(self, waveform, num_crops: int = NUM_CROPS) -> np.ndarray:
+    """(n, crop_samples) evaluation crops of one mono clip at the model's rate: `num_crops` evenly spaced crops, or
+    one zero-padded crop for a clip shorter than a crop. Raises AudioError for a clip too short or silent."""
+    waveform = self.check_clip(waveform)
+    return self.cut_crops(waveform, self.crop_offsets(len(waveform), num_crops))
+
+  def tag_waveform(self, waveform, num_crops: int = NUM_CROPS, batch_size: int = BATCH_SIZE) -> Scores:
+    """Whole-clip probabilities of one mono clip at the model's rate: the mean over its evaluation crops."""
+    waveform = self.check_clip(waveform)
+    offsets = self.crop_offsets(len(waveform), num_crops)
+    fine, coarse = self.predict(self.cut_crops(waveform, offsets), batch_size=batch_size)
+    return self._scores(fine, coarse, offsets, len(waveform), average=True)
+
+  def timeline(self, waveform, hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> Scores:
+    """Probabilities of consecutive crops `hop_seconds` apart (default one crop length), one row a crop."""
+    waveform = self.check_clip(waveform)
+    offsets = self.timeline_offsets(len(waveform), hop_seconds)
+    fine, coarse = self.predict(self.cut_crops(waveform, offsets), batch_size=batch_size)
+    return self._scores(fine, coarse, offsets, len(waveform), average=False)
+
+  def _scores(self, fine, coarse, offsets, num_samples, average: bool) -> Scores:
+    if average:
+      fine, coarse = fine.mean(axis=0), (None if coarse is None else coarse.mean(axis=0))
+    return Scores(fine, coarse, offsets / self.sample_rate, self.crop_seconds, num_samples / self.sample_rate)
+
+  # --------------------------------------------------------------------------------------------------------------------
+  # Files.
+
+  def tag_files(self, paths: Iterable, num_crops: int = NUM_CROPS, timeline: bool = False,
+                hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> list[FileResult]:
+    """Tags many files; see `iter_tag_files`."""
+    return list(self.iter_tag_files(paths, num_crops, timeline, hop_seconds, batch_size))
+
+  def iter_tag_files(self, paths: Iterable, num_crops: int = NUM_CROPS, timeline: bool = False,
+                     hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> Iterator[FileResult]:
+    """Yields a FileResult per file, in the order given, as soon as all its crops are scored.
+
+    Whole-file scores average `num_crops` evenly spaced crops; with `timeline`, every crop `hop_seconds` apart is
+    kept. Crops of consecutive files share batches of exactly `batch_size` rows (rounded up to a multiple of the
+    device count; the last batch zero-padded), so the model compiles once. A file that cannot be used gets its
+    error message, and the others are still tagged.
+    """
+    size = self.round_batch(batch_size)
+
+    def clips():
+      for path in paths:
+        try:
+          waveform = self.load_clip(path)
+        except FlaxtagError as e:
+          yield (os.fspath(path), None, 0), e
+          continue
+        if timeline:
+          offsets = self.timeline_offsets(len(waveform), hop_seconds)
+        else:
+          offsets = self.crop_offsets(len(waveform), num_crops)
+        yield (os.fspath(path), offsets, len(waveform)), self.cut_crops(waveform, offsets)
+
+    def score(rows):
+      return self._run(self._probs_fn, [rows], size)
+
+    for (path, offsets, num_samples), probs in _batched(clips(), score, size):
+      if isinstance(probs, FlaxtagError):
+        yield FileResult(path, error=str(probs))
+        continue
+      fine = probs[:, :self.model.num_tags]
+      coarse = probs[:, self.model.num_tags:] if self.hierarchy else None
+      yield FileResult(path, self._scores(fine, coarse, offsets, num_samples, average=not timeline))
+
+
+def _batched(items, run, batch_size: int):
+  """Scores the rows of a stream of (key, rows or an error) in batches of `batch_size` rows at most, batches
+  crossing item boundaries. Yields (key, scores of its rows, or its error), in order, once all its rows are done."""
+  waiting = collections.deque()
+  pending = []  # rows not yet run
+  num_pending = 0
+  done = None  # scores of rows not yet handed out
+
+  def drain(final: bool):
+    nonlocal pending, num_pending, done
+    while num_pending >= batch_size or (final and num_pending):
+      rows = np.concatenate(pending)
+      scored = run(rows[:batch_size])
+      done = scored if done is None else np.concatenate([done, scored])
+      pending, num_pending = ([rows[batch_size:]] if len(rows) > batch_size else []), max(len(rows) - batch_size, 0)
+    while waiting:
+      key, item = waiting[0]
+      if isinstance(item, Exception):
+        result = item
+      elif done is not None and len(item) <= len(done):
+        result, done = done[:len(item)], done[len(item):]
+      else:
+        return
+      waiting.popleft()
+      yield key, result
+
+  for key, item in items:
+    waiting.append((key, item))
+    if not isinstance(item, Exception):
+      pending.append(item)
+      num_pending += len(item)
+    yield from drain(final=False)
+  yield from drain(final=True)

@@ -52,15 +52,13 @@ def summary_text(model: tagger.MusicTagger, depth: int = 2) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_DEPTH = flags.DEFINE_integer("depth", 2, "How many levels of modules to list.")
-
-
 def main(argv):
   del argv
-  print(summary_text(tagger.build_model(_CONFIG.value.model), _DEPTH.value))
+  print(summary_text(tagger.build_model(flags.FLAGS.config.model), flags.FLAGS.depth))
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_integer("depth", 2, "How many levels of modules to list.")
   flags.mark_flag_as_required("config")
   cli.run(main)

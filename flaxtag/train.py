@@ -15,7 +15,6 @@ import sys
 import time
 
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -123,8 +122,7 @@ def _reload_best(manager, state: TrainState) -> TrainState:
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state.variables)
   variables = manager.restore(best, args=ocp.args.Composite(
       **{checkpoint.MODEL: ocp.args.StandardRestore(abstract)}))[checkpoint.MODEL]
-  logging.warning("optimizer stage changes after step %d: continuing from the best checkpoint, step %d",
-                  int(state.step), best)
+  _tell(f"optimizer stage changes after step {int(state.step)}: continuing from the best checkpoint, step {best}")
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
@@ -160,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = _manager(workdir, config)
   if manager.latest_step() is not None:
     state = _restore(manager, manager.latest_step(), state, data_iterator)
-    logging.warning("resuming %s from step %d", workdir, int(state.step))
+    _tell(f"resuming {workdir} from step {int(state.step)}")
   writer = MetricWriter(workdir)
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -186,19 +184,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
         window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
-      if preempted:
-        _save(manager, run, state, data_iterator)
-        manager.wait_until_finished()
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.", step, workdir)
-        sys.exit(0)
       if epoch_end:
         result = validate(run, predict_step, state)
         scalars = evaluation.headline(result)
         writer.write(step, "valid", {**scalars, "epoch": step // run.steps_per_epoch})
         bar.write(f"epoch {step // run.steps_per_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
-        if step < run.total_steps:
-          state = _maybe_reload(manager, run, state, step)
+      elif preempted:
+        _save(manager, run, state, data_iterator)
+      if preempted:
+        manager.wait_until_finished()
+        _tell(f"SIGTERM: saved step {step} in {workdir}; rerun the same command to resume.")
+        sys.exit(0)
+      if epoch_end and step < run.total_steps:
+        state = _maybe_reload(manager, run, state, step)
     bar.close()
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
@@ -215,6 +214,11 @@ def _maybe_reload(manager, run: Run, state: TrainState, step: int) -> TrainState
   return state
 
 
+def _tell(message):
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _finite_or_none(x):
   return float(x) if x is not None and math.isfinite(x) else None
 
@@ -229,21 +233,20 @@ def _check_finite(metrics, step, workdir, manager):
         "learning rate (config.optim.adam_lr) or check the data.")
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file of the run.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
-
-
 def main(argv):
   del argv
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.warning("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
-                  jax.device_count(), jax.local_device_count())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  f = flags.FLAGS
+  sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  _tell(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices "
+        f"({jax.local_device_count()} local)")
+  train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file of the run.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+  flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+  flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)
