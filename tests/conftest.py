@@ -3,3 +3,24 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope="session")
+def synth_data_dir(tmp_path_factory):
+  """A tiny synthetic multi-instrument dataset built by the real builder: 16 / 8 / 8 clips of 5 s."""
+  import fixtures_data  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("synth")
+  return fixtures_data.build_dataset("synth_instruments", None, root / "data", num_train=16, num_valid=8, num_test=8,
+                                     clip_seconds=5.0, seed=1, num_workers=1)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_data_dir, tmp_path_factory):
+  """An uninterrupted 3-epoch run of a tiny GMP model (1 process × 8 devices): (workdir, last validation scalars)."""
+  import train_runs  # pylint: disable=g-import-not-at-top
+  from flaxtag import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("trained")
+  scalars = train.train_and_evaluate(train_runs.run_config(synth_data_dir), str(workdir))
+  return workdir, scalars

@@ -1,4 +1,7 @@
-"""Training runs on a real (tiny) synthetic dataset: resumption, preemption, multi-process, divergence."""
+"""Training runs on a real (tiny) synthetic dataset: resumption, preemption, multi-process, divergence.
+
+`trained_run` (conftest) is the uninterrupted reference: 1 process × 8 devices, 3 epochs of 2 steps.
+"""
 import json
 import os
 import pathlib
@@ -16,34 +19,8 @@ import pytest
 from configs import synth
 from flaxtag import checkpoint, optim, train
 
-import fixtures_data
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# A tiny model and run: 16 train clips, batch 8 → 2 steps per epoch, 3 epochs.
-OVERRIDES = {
-    "model.conv_channels": 2, "model.encoder.width": 16, "model.encoder.num_heads": 2, "model.encoder.mlp_dim": 32,
-    "train.batch_size": 8, "train.eval_batch_size": 8, "train.num_epochs": 3, "train.log_every_steps": 1,
-    "data.worker_count": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("synth")
-  return fixtures_data.build_dataset("synth_instruments", None, root / "data", num_train=16, num_valid=8, num_test=8,
-                                     clip_seconds=5.0, seed=1, num_workers=1)
-
-
-def run_config(data_dir, **extra):
-  config = synth.get_config()
-  config.update_from_flattened_dict({**OVERRIDES, "data.data_dir": str(data_dir), **extra})
-  return config
-
-
-def train_command(data_dir, workdir, *extra_flags):
-  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.data_dir": data_dir}.items()]
-  return [sys.executable, "-m", "flaxtag.train", "--config", str(REPO / "configs" / "synth_gmp.py"),
-          "--workdir", str(workdir), *flags, *extra_flags]
+from train_runs import REPO, records, run_config, train_command
 
 
 def final_variables(workdir):
@@ -51,11 +28,6 @@ def final_variables(workdir):
   step = manager.latest_step()
   restored = manager.restore(step, args=ocp.args.Composite(**{checkpoint.MODEL: ocp.args.StandardRestore()}))
   return step, restored[checkpoint.MODEL]
-
-
-def records(workdir, kind):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
 def wait_for(predicate, process, timeout=300):
@@ -66,14 +38,6 @@ def wait_for(predicate, process, timeout=300):
     time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory):
-  """An uninterrupted run: 1 process × 8 devices."""
-  workdir = tmp_path_factory.mktemp("reference")
-  scalars = train.train_and_evaluate(run_config(data_dir), str(workdir))
-  return workdir, scalars
-
-
 def assert_same_variables(a, b, **tolerance):
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(leaves_a) == len(leaves_b)
@@ -81,8 +45,8 @@ def assert_same_variables(a, b, **tolerance):
     np.testing.assert_allclose(x, y, **tolerance)
 
 
-def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(reference_run):
-  workdir, scalars = reference_run
+def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
+  workdir, scalars = trained_run
   valid = records(workdir, "valid")
   assert [r["epoch"] for r in valid] == [1, 2, 3]
   assert set(scalars) == {"roc_auc", "pr_auc", "coarse_roc_auc", "coarse_pr_auc", "violation_rate"}
@@ -95,11 +59,11 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(reference_run):
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
 
 
-def test_preempted_and_killed_run_resumes_to_the_same_parameters(data_dir, reference_run, tmp_path):
+def test_preempted_and_killed_run_resumes_to_the_same_parameters(synth_data_dir, trained_run, tmp_path):
   """SIGTERM mid-epoch saves and exits; a later SIGKILL loses only unsaved steps; the resumed run ends exactly
   where the uninterrupted one did."""
   workdir = tmp_path / "interrupted"
-  first = subprocess.Popen(train_command(data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(train_command(synth_data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
   wait_for(lambda: os.path.exists(workdir / "metrics.jsonl") and records(workdir, "train")
            and records(workdir, "train")[-1]["step"] >= 3, first)
   first.send_signal(signal.SIGTERM)
@@ -107,14 +71,14 @@ def test_preempted_and_killed_run_resumes_to_the_same_parameters(data_dir, refer
   last_logged = records(workdir, "train")[-1]["step"]
   assert checkpoint.open_manager(workdir, read_only=True).latest_step() == last_logged  # saved where it stopped
 
-  second = subprocess.Popen(train_command(data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
+  second = subprocess.Popen(train_command(synth_data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
   wait_for(lambda: records(workdir, "train")[-1]["step"] >= 5, second)
   second.kill()
   second.wait()
 
-  train.train_and_evaluate(run_config(data_dir), str(workdir))
+  train.train_and_evaluate(run_config(synth_data_dir), str(workdir))
   step, variables = final_variables(workdir)
-  ref_step, ref_variables = final_variables(reference_run[0])
+  ref_step, ref_variables = final_variables(trained_run[0])
   assert step == ref_step == 6
   assert_same_variables(variables, ref_variables, rtol=1e-6, atol=1e-7)
 
@@ -125,39 +89,39 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_match_one_process_of_eight(data_dir, reference_run, tmp_path):
+def test_two_processes_of_four_devices_match_one_process_of_eight(synth_data_dir, trained_run, tmp_path):
   workdir = tmp_path / "multiprocess"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   port = _free_port()
   processes = [
-      subprocess.Popen(train_command(data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}",
+      subprocess.Popen(train_command(synth_data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}",
                                      "--num_processes=2", f"--process_id={i}"),
                        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   for p in processes:
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-  ref = records(reference_run[0], "valid")
+  ref = records(trained_run[0], "valid")
   got = records(workdir, "valid")
   for key in ("roc_auc", "pr_auc", "coarse_roc_auc", "violation_rate"):
     np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose([r["loss"] for r in records(workdir, "train")],
-                             [r["loss"] for r in records(reference_run[0], "train")], rtol=1e-5)
+                             [r["loss"] for r in records(trained_run[0], "train")], rtol=1e-5)
 
 
-def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-  config = run_config(data_dir, **{"optim.adam_lr": 1e8, "train.num_epochs": 2})
+def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(synth_data_dir, tmp_path):
+  config = run_config(synth_data_dir, **{"optim.adam_lr": 1e8, "train.num_epochs": 2})
   with pytest.raises(train.TrainingDiverged, match=r"at step \d+; stopped. The last good checkpoint is"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_config_errors_come_before_compilation(data_dir, tmp_path):
+def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
   from flaxtag.errors import ConfigError
   with pytest.raises(ConfigError, match="model.num_tags=50 but synth_instruments has 25 tags"):
-    train.setup(run_config(data_dir, **{"model.num_tags": 50}))
+    train.setup(run_config(synth_data_dir, **{"model.num_tags": 50}))
   with pytest.raises(ConfigError, match="train.batch_size=12 must be divisible by the 8"):
-    train.setup(run_config(data_dir, **{"train.batch_size": 12}))
+    train.setup(run_config(synth_data_dir, **{"train.batch_size": 12}))
   with pytest.raises(ConfigError, match="optim.switch='sometimes'"):
-    train.setup(run_config(data_dir, **{"optim.switch": "sometimes"}))
+    train.setup(run_config(synth_data_dir, **{"optim.switch": "sometimes"}))
 
 
 @pytest.mark.parametrize("step,switch_count,expected", [
