@@ -1,0 +1,199 @@
+"""Miniature raw datasets, laid out like the real ones, and a one-call build, for tests of data, training and eval.
+
+  make_mtat_tree(root, n_per_folder)   MTAT: annotations_final.csv (188 real tag columns) + MP3s in 0-f or zip parts
+  make_msd_tree(root, ...)             MSD: Python-2-protocol pickles + 22.05/44.1 kHz stereo MP3 previews
+  build_dataset(name, manual_dir, data_dir, **flags) -> data_dir
+
+The audio is small (a few seconds at 16 kHz) but tag-dependent (tones keyed to the tags), so that a model can learn
+something from it. Each tree contains a few files that a build must skip and list: an empty and a corrupt MP3
+(MTAT), a corrupt preview (MSD).
+"""
+import csv
+import dataclasses
+import io
+import os
+import pickle
+import zipfile
+from typing import Optional
+
+import numpy as np
+import soundfile
+
+# MTAT's 188 tag columns, in the order of annotations_final.csv.
+MTAT_TAGS = (
+    "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord", "female singing",
+    "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals", "clarinet", "heavy", "silence", "beats",
+    "men", "woodwind", "funky", "no strings", "chimes", "foreign", "no piano", "horns", "classical", "female",
+    "no voices", "soft rock", "eerie", "spacey", "jazz", "guitar", "quiet", "no beat", "banjo", "electric", "solo",
+    "violins", "folk", "female voice", "wind", "happy", "ambient", "new age", "synth", "funk", "no singing",
+    "middle eastern", "trumpet", "percussion", "drum", "airy", "voice", "repetitive", "birds", "space", "strings",
+    "bass", "harpsicord", "medieval", "male voice", "girl", "keyboard", "acoustic", "loud", "classic", "string",
+    "drums", "electronic", "not classical", "chanting", "no violin", "not rock", "no guitar", "organ", "no vocal",
+    "talking", "choral", "weird", "opera", "soprano", "fast", "acoustic guitar", "electric guitar", "male singer",
+    "man singing", "classical guitar", "country", "violin", "electro", "reggae", "tribal", "dark", "male opera",
+    "no vocals", "irish", "electronica", "horn", "operatic", "arabic", "lol", "low", "instrumental", "trance",
+    "chant", "strange", "drone", "synthesizer", "heavy metal", "modern", "disco", "bells", "man", "deep",
+    "fast beat", "industrial", "hard", "harp", "no flute", "jungle", "pop", "lute", "female vocal", "oboe",
+    "mellow", "orchestral", "viola", "light", "echo", "piano", "celtic", "male vocals", "orchestra", "eastern",
+    "old", "flutes", "punk", "spanish", "sad", "sax", "slow", "male", "blues", "vocal", "indian", "no singer",
+    "scary", "india", "woman", "woman singing", "rock", "dance", "piano solo", "guitars", "no drums", "jazzy",
+    "singing", "cello", "calm", "female vocals", "voices", "different", "techno", "clapping", "house", "monks",
+    "flute", "not opera", "not english", "oriental", "beat", "upbeat", "soft", "noise", "choir", "female singer",
+    "rap", "metal", "hip hop", "quick", "water", "baroque", "women", "fiddle", "english")
+MTAT_SPLIT = {**{c: "train" for c in "0123456789ab"}, "c": "valid", **{c: "test" for c in "def"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """One row of a miniature tree, and what a build should make of it."""
+  clip_id: str
+  path: str  # relative to the audio root
+  split: str
+  labels: np.ndarray  # 0/1 in the builder's tag order (SPEC order)
+  broken: bool = False
+
+
+def _tone(tag_indices, seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
+  """A mix of tones, one per tag (so audio depends on tags), plus a little noise."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(int(seconds * rate)) / rate
+  x = 0.02 * rng.standard_normal(t.shape)
+  for k in list(tag_indices)[:6]:
+    x += 0.1 * np.sin(2 * np.pi * (220.0 * 2 ** (k / 12)) * t + rng.uniform(0, 2 * np.pi))
+  x = (0.8 * x / max(1.0, np.abs(x).max())).astype(np.float32)
+  return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def _write_mp3(path: str, x: np.ndarray, rate: int) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  soundfile.write(path, x, rate, format="MP3")
+
+
+def _corrupt_bytes(seed: int) -> bytes:
+  return np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
+def make_mtat_tree(root, n_per_folder: int = 4, layout: str = "folders", seconds=(2.5, 6.0)) -> list[Clip]:
+  """Writes a miniature MagnaTagATune manual dir under `root`; returns its clips.
+
+  Tag counts over the rows are chosen so that the 50 most frequent tags, in order, are SPEC's top 50 (which needs at
+  least 51 rows, so n_per_folder >= 4); the last rows have no top-50 tag (they leave the clean config). One empty and
+  one corrupt MP3 are included (clips with top-50 tags, in train and test). `layout`: 'folders' (0-f) or
+  'zip_parts' (mp3.zip.001-003, consecutive pieces of one zip archive).
+  """
+  from data_prep.mtat import mtat  # pylint: disable=g-import-not-at-top
+  if n_per_folder < 4:
+    raise ValueError("n_per_folder must be at least 4 for the top-50 counts to be unambiguous")
+  os.makedirs(root, exist_ok=True)
+  rows = 16 * n_per_folder
+  column = {t: j for j, t in enumerate(MTAT_TAGS)}
+  rank = np.random.default_rng(0).permutation(rows)  # row r is the rank[r]-th most tagged
+  matrix = np.zeros((rows, len(MTAT_TAGS)), np.uint8)
+  for k, tag in enumerate(mtat.TOP50):
+    matrix[rank < 51 - k, column[tag]] = 1  # count 51 - k: strictly decreasing
+  others = [j for j, t in enumerate(MTAT_TAGS) if t not in mtat.TOP50]
+  for r in range(rows):
+    matrix[r, others[r % len(others)]] = 1  # count 1 (rows < len(others)), below every top-50 count
+  clips, files = [], {}
+  for r in range(rows):
+    folder = "0123456789abcdef"[r % 16]
+    clip_id = str(2 + 3 * r)
+    path = f"{folder}/artist_{r}-album-{r:02d}-track_{r}-{30 * r}-{30 * r + 29}.mp3"
+    top = matrix[r, [column[t] for t in mtat.TOP50]]
+    broken = r in (1, 13)  # folders 1 (train) and d (test)
+    clips.append(Clip(clip_id, path, MTAT_SPLIT[folder], top, broken))
+    if r == 1:
+      files[path] = b""
+    elif r == 13:
+      files[path] = _corrupt_bytes(r)
+    else:
+      duration = seconds[0] + (seconds[1] - seconds[0]) * (r % 7) / 6
+      buf = io.BytesIO()
+      soundfile.write(buf, _tone(np.flatnonzero(top), duration, 16000, 1, r), 16000, format="MP3")
+      files[path] = buf.getvalue()
+  with open(os.path.join(root, "annotations_final.csv"), "w", newline="") as f:
+    writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)  # the real file quotes every field
+    writer.writerow(["clip_id", *MTAT_TAGS, "mp3_path"])
+    for clip, labels in zip(clips, matrix):
+      writer.writerow([clip.clip_id, *map(str, labels), clip.path])
+  if layout == "folders":
+    for path, data in files.items():
+      os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+      with open(os.path.join(root, path), "wb") as f:
+        f.write(data)
+  elif layout == "zip_parts":
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+      for path, data in files.items():
+        archive.writestr(path, data)
+    data = buf.getvalue()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    for i in range(3):
+      with open(os.path.join(root, f"mp3.zip.00{i + 1}"), "wb") as f:
+        f.write(data[cuts[i]:cuts[i + 1]])
+  else:
+    raise ValueError(f"unknown layout {layout!r}")
+  return clips
+
+
+class NotAllowed:
+  """A class that MSD's restricted unpickler must refuse."""
+
+
+def msd_track_path(track_id: str) -> str:
+  return f"{track_id[2]}/{track_id[3]}/{track_id[4]}/{track_id}.mp3"
+
+
+def make_msd_tree(root, num_train: int = 6, num_valid: int = 2, num_test: int = 3, seconds: float = 2.0,
+                  corrupt: Optional[int] = 1) -> list[Clip]:
+  """Writes a miniature MSD manual dir: the three pickles (protocol 2, ids as bytes like Python 2's str, tag vectors
+  as (50, 1) numpy columns) and previews under audio/<id[2]>/<id[3]>/<id[4]>/<id>.mp3, at 22.05 or 44.1 kHz,
+  stereo or mono. Track `corrupt` of the train list (None: none) is not a decodable MP3.
+
+  Build it with num_train=num_train (the first num_train ids of the train list are train, the rest valid).
+  """
+  rng = np.random.default_rng(1)
+  letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+  n = num_train + num_valid + num_test
+  ids = ["TR" + "".join(rng.choice(letters[:26], 3)) + "".join(rng.choice(letters, 13)) for _ in range(n)]
+  vectors = (rng.random((n, 50)) < 0.15).astype(np.int64)
+  vectors[np.arange(n), np.arange(n) % 50] = 1
+  clips = []
+  for i, track in enumerate(ids):
+    split = "train" if i < num_train else "valid" if i < num_train + num_valid else "test"
+    rate, channels = (22050, 2) if i % 2 else (44100, 2 if i % 3 else 1)
+    path = os.path.join(root, "audio", msd_track_path(track))
+    broken = corrupt is not None and i == corrupt
+    if broken:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "wb") as f:
+        f.write(_corrupt_bytes(i))
+    else:
+      _write_mp3(path, _tone(np.flatnonzero(vectors[i]), seconds, rate, channels, i), rate)
+    clips.append(Clip(track, msd_track_path(track), split, vectors[i].astype(np.uint8), broken))
+  as_bytes = [t.encode() for t in ids]
+  _dump(os.path.join(root, "filtered_list_train.cP"), as_bytes[:num_train + num_valid])
+  _dump(os.path.join(root, "filtered_list_test.cP"), as_bytes[num_train + num_valid:])
+  _dump(os.path.join(root, "msd_id_to_tag_vector.cP"), {t: v.reshape(50, 1) for t, v in zip(as_bytes, vectors)})
+  return clips
+
+
+def _dump(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(pickle.dumps(obj, protocol=2))
+
+
+def write_forbidden_pickle(path: str) -> None:
+  """A protocol-2 pickle holding an instance of a class outside the allowed set."""
+  _dump(path, {b"TRAAAAA000000000000": NotAllowed()})
+
+
+def build_dataset(name: str, manual_dir, data_dir, **flags) -> str:
+  """Builds `name` ('mtat/top50_clean', 'msd', 'synth_instruments', ...) into data_dir; returns data_dir.
+
+  `flags` are those of `python -m data_prep.build` (num_train=..., seed=..., beam=True, num_workers=...).
+  """
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  build.build(name, data_dir=data_dir, manual_dir=manual_dir, **flags)
+  return os.fspath(data_dir)
