@@ -118,8 +118,14 @@ def tag_metrics(y_true, y_score, tag_names: Sequence[str]) -> dict:
   }
 
 
+# A fine probability "exceeds" its parent's only by more than float32 rounding: heads such as GMP give the parent
+# exactly the largest child's value, and which of two equal numbers rounds higher is noise, not a violation.
+VIOLATION_TOLERANCE = 1e-6
+
+
 def hierarchy_violation_rate(fine_probs, coarse_probs, hierarchy: Hierarchy) -> float:
-  """Share of (clip, fine tag) pairs whose fine probability exceeds its parent's; NaN for no pair."""
+  """Share of (clip, fine tag) pairs whose fine probability exceeds its parent's (by more than
+  VIOLATION_TOLERANCE); NaN for no pair."""
   fine_probs = np.asarray(fine_probs)
   coarse_probs = np.asarray(coarse_probs)
   if fine_probs.shape[-1] != hierarchy.num_fine or coarse_probs.shape[-1] != hierarchy.num_coarse:
@@ -127,4 +133,4 @@ def hierarchy_violation_rate(fine_probs, coarse_probs, hierarchy: Hierarchy) -> 
                      f"of {hierarchy.num_fine} fine and {hierarchy.num_coarse} coarse tags")
   if fine_probs.size == 0:
     return float("nan")
-  return float(np.mean(fine_probs > coarse_probs[..., hierarchy.parent]))
+  return float(np.mean(fine_probs > coarse_probs[..., hierarchy.parent] + VIOLATION_TOLERANCE))

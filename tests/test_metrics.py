@@ -93,3 +93,6 @@ def test_hierarchy_violation_rate_hand_case():
                      [0.7, 0.6]])  # cello 0.7 == strings 0.7 is no violation; piano 0.6 == keys 0.6 neither.
   assert metrics.hierarchy_violation_rate(fine, coarse, h) == pytest.approx(1 / 6)
   assert metrics.hierarchy_violation_rate(fine, np.ones((2, 2)), h) == 0.0
+  # Rounding-level excess is not a violation; a real one is.
+  assert metrics.hierarchy_violation_rate(coarse[:, h.parent] + 5e-7, coarse, h) == 0.0
+  assert metrics.hierarchy_violation_rate(coarse[:, h.parent] + 1e-4, coarse, h) == 1.0
