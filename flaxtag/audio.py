@@ -70,6 +70,9 @@ def decode_audio_bytes(data: bytes, sample_rate: int = SAMPLE_RATE, name: str = 
   return _decode(io.BytesIO(data), name, sample_rate)
 
 
+INT16_SCALE = np.float32(1.0 / 32768.0)  # int16 PCM sample → float in [-1, 1)
+
+
 def to_int16(x: np.ndarray) -> np.ndarray:
   """Float samples in [-1, 1] to int16 PCM (x·32768, rounded, clipped to the int16 range)."""
   return np.clip(np.round(np.asarray(x, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
@@ -77,7 +80,16 @@ def to_int16(x: np.ndarray) -> np.ndarray:
 
 def from_int16(x: np.ndarray) -> np.ndarray:
   """int16 PCM to float32 samples in [-1, 1): x / 32768."""
-  return np.asarray(x, np.float32) / np.float32(32768.0)
+  return np.asarray(x, np.float32) * INT16_SCALE
+
+
+EVAL_CROPS = 16  # SPEC §1: crops per clip in evaluation, their sigmoid outputs averaged.
+
+
+def eval_crop_offsets(num_samples: int, crop_len: int, num_crops: int = EVAL_CROPS) -> np.ndarray:
+  """Starts of the evaluation crops of a clip: k · ((L − crop) // num_crops) for k < num_crops (SPEC §1); all 0
+  for a clip no longer than a crop."""
+  return (max(num_samples - crop_len, 0) // num_crops) * np.arange(num_crops)
 
 
 def check_clip(waveform: np.ndarray,

@@ -27,7 +27,6 @@ from flaxtag.errors import FlaxtagError
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
-NUM_CROPS = 16  # SPEC §1: evaluation crops per clip.
 BATCH_SIZE = 16
 # Shorter clips are refused: a crop would be mostly zero padding, and its tags mostly about the padding.
 MIN_CLIP_SECONDS = 1.0
@@ -250,12 +249,12 @@ class Tagger:
       raise ValueError(f"expected one mono waveform (samples,), got shape {waveform.shape}")
     return audio.check_clip(waveform, int(MIN_CLIP_SECONDS * self.sample_rate), path, self.sample_rate)
 
-  def crop_offsets(self, num_samples: int, num_crops: int = NUM_CROPS) -> np.ndarray:
+  def crop_offsets(self, num_samples: int, num_crops: int = audio.EVAL_CROPS) -> np.ndarray:
     """Start samples of `num_crops` evenly spaced crops, offset step (L − crop)//num_crops (SPEC §1); [0] for a
     clip no longer than one crop."""
     if num_samples <= self.crop_samples:
       return np.zeros(1, np.int64)
-    return np.arange(num_crops) * ((num_samples - self.crop_samples) // num_crops)
+    return audio.eval_crop_offsets(num_samples, self.crop_samples, num_crops)
 
   def timeline_offsets(self, num_samples: int, hop_seconds: float | None = None) -> np.ndarray:
     """Start samples of consecutive crops `hop_seconds` apart (default: one crop length, no overlap); a last crop
@@ -273,13 +272,13 @@ class Tagger:
       waveform = np.pad(waveform, (0, self.crop_samples - len(waveform)))
     return np.stack([waveform[o:o + self.crop_samples] for o in offsets])
 
-  def crops(self, waveform, num_crops: int = NUM_CROPS) -> np.ndarray:
+  def crops(self, waveform, num_crops: int = audio.EVAL_CROPS) -> np.ndarray:
     """(n, crop_samples) evaluation crops of one mono clip at the model's rate: `num_crops` evenly spaced crops, or
     one zero-padded crop for a clip shorter than a crop. Raises AudioError for a clip too short or silent."""
     waveform = self.check_clip(waveform)
     return self.cut_crops(waveform, self.crop_offsets(len(waveform), num_crops))
 
-  def tag_waveform(self, waveform, num_crops: int = NUM_CROPS, batch_size: int = BATCH_SIZE) -> Scores:
+  def tag_waveform(self, waveform, num_crops: int = audio.EVAL_CROPS, batch_size: int = BATCH_SIZE) -> Scores:
     """Whole-clip probabilities of one mono clip at the model's rate: the mean over its evaluation crops."""
     waveform = self.check_clip(waveform)
     offsets = self.crop_offsets(len(waveform), num_crops)
@@ -301,12 +300,12 @@ class Tagger:
   # --------------------------------------------------------------------------------------------------------------------
   # Files.
 
-  def tag_files(self, paths: Iterable, num_crops: int = NUM_CROPS, timeline: bool = False,
+  def tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
                 hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> list[FileResult]:
     """Tags many files; see `iter_tag_files`."""
     return list(self.iter_tag_files(paths, num_crops, timeline, hop_seconds, batch_size))
 
-  def iter_tag_files(self, paths: Iterable, num_crops: int = NUM_CROPS, timeline: bool = False,
+  def iter_tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
                      hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> Iterator[FileResult]:
     """Yields a FileResult per file, in the order given, as soon as all its crops are scored.
 

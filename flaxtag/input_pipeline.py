@@ -28,16 +28,13 @@ import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
 
+from flaxtag import audio
 from flaxtag.errors import ConfigError, DatasetError
 from flaxtag.hierarchy import Hierarchy
 
 BUILD_SUMMARY_FILE = "build_summary.json"
 SKIPPED_FILES_FILE = "skipped_files.json"
 HIERARCHY_FILE = "hierarchy.json"
-SAMPLE_RATE = 16000
-NUM_EVAL_CROPS = 16
-# int16 PCM → float32 in [-1, 1), the scale of `flaxtag.audio.from_int16`, applied while filling the batch buffer.
-_PCM_SCALE = np.float32(1.0 / 32768.0)
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _MASK64 = (1 << 64) - 1
 
@@ -50,7 +47,7 @@ class DatasetInfo:
   tags: tuple[str, ...]  # fine tags, in label column order
   split_sizes: Mapping[str, int]
   hierarchy: Optional[Hierarchy] = None  # coarse tags and the parent of every fine tag, for hierarchical sets
-  sample_rate: int = SAMPLE_RATE
+  sample_rate: int = audio.SAMPLE_RATE
 
   @property
   def num_tags(self) -> int:
@@ -135,12 +132,6 @@ def train_crop_offset(num_samples: int, crop_len: int, seed: int, epoch: int, re
   return _mix(seed, epoch, record) % (num_samples - crop_len + 1)
 
 
-def eval_crop_offsets(num_samples: int, crop_len: int, num_crops: int = NUM_EVAL_CROPS) -> np.ndarray:
-  """Starts of the evaluation crops: k · (L − crop) // num_crops for k < num_crops (all 0 for a short clip)."""
-  step = max(num_samples - crop_len, 0) // num_crops
-  return step * np.arange(num_crops)
-
-
 def steps_per_epoch(num_clips: int, batch_size: int, process_count: int) -> int:
   """Training steps per epoch: full global batches only (the rest of each epoch's permutation is not used)."""
   return num_clips // (batch_size * process_count)
@@ -158,12 +149,12 @@ def _copy_crop(pcm: np.ndarray, offset: int, out: np.ndarray) -> None:
   if out.dtype == np.int16:
     out[:segment.shape[0]] = segment
   else:
-    np.multiply(segment, _PCM_SCALE, out=out[:segment.shape[0]])
+    np.multiply(segment, audio.INT16_SCALE, out=out[:segment.shape[0]])
   out[segment.shape[0]:] = 0
 
 
 def _float_audio(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {**batch, "audio": np.multiply(batch["audio"], _PCM_SCALE, dtype=np.float32)}
+  return {**batch, "audio": np.multiply(batch["audio"], audio.INT16_SCALE, dtype=np.float32)}
 
 
 def _keep_freed_buffers() -> None:
@@ -352,7 +343,7 @@ class _EvalBatches:
     for row, record in enumerate(self._records[index * b:(index + 1) * b]):
       example = self._reader[record]
       pcm = example["audio"]
-      for crop, offset in enumerate(eval_crop_offsets(pcm.shape[0], self._crop_len, self._num_crops)):
+      for crop, offset in enumerate(audio.eval_crop_offsets(pcm.shape[0], self._crop_len, self._num_crops)):
         _copy_crop(pcm, int(offset), batch["audio"][row, crop])
       for key in self._label_shapes:
         batch[key][row] = example[key]
@@ -435,7 +426,7 @@ def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed:
 
 
 def eval_batches(data_dir, name: str, *, split: str, batch_size: int, crop_len: int,
-                 num_crops: int = NUM_EVAL_CROPS, process_index: Optional[int] = None,
+                 num_crops: int = audio.EVAL_CROPS, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, worker_count: int = 0, read_threads: int = 2,
                  prefetch: int = 2) -> grain.IterDataset:
   """This process's evaluation batches of `split`, in record order; iterate it once per evaluation.

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
-from flaxtag import cli
-from flaxtag.inference import BATCH_SIZE, NUM_CROPS, FileResult, Tagger
+from flaxtag import audio, cli
+from flaxtag.inference import BATCH_SIZE, FileResult, Tagger
 
 FORMATS = ("table", "json", "csv")
 
@@ -99,7 +99,7 @@ def format_table(result: FileResult, tagger: Tagger, top_k: int, timeline: bool)
 
 
 def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table", top_k: int = 10,
-              timeline: bool = False, hop_seconds: float | None = None, num_crops: int = NUM_CROPS,
+              timeline: bool = False, hop_seconds: float | None = None, num_crops: int = audio.EVAL_CROPS,
               batch_size: int = BATCH_SIZE, out=None, err=None) -> int:
   """Tags `paths` and writes the results to `out` (stdout), errors and progress to `err` (stderr).
 
@@ -146,7 +146,7 @@ def define_flags():
   flags.DEFINE_boolean("timeline", False, "Score consecutive crops over time instead of the whole file.")
   flags.DEFINE_float("hop_seconds", None, "With --timeline: seconds between crop starts (default: one crop).",
                      lower_bound=0.01)
-  flags.DEFINE_integer("num_crops", NUM_CROPS, "Crops averaged for whole-file scores.", lower_bound=1)
+  flags.DEFINE_integer("num_crops", audio.EVAL_CROPS, "Crops averaged for whole-file scores.", lower_bound=1)
   flags.DEFINE_integer("batch_size", BATCH_SIZE, "Crops per device batch (rounded up to a multiple of the device "
                        "count).", lower_bound=1)
 
