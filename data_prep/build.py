@@ -62,42 +62,44 @@ def build(name: str, data_dir, manual_dir=None, *, overwrite: bool = False, beam
   return builder.prepare(manual_dir=manual_dir, overwrite=overwrite, beam_options=beam_options)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "where datasets are written (and read by training)")
-flags.DEFINE_string("manual_dir", None, "the raw files (see data_prep/<NAME>/README.md)")
-flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
-                     "decoding processes (default: all cores); with --beam, DirectRunner workers")
-flags.DEFINE_bool("beam", False, "build with Apache Beam (DirectRunner unless --beam_options names another runner)")
-flags.DEFINE_string("beam_options", "",
-                    "Beam pipeline options, space-separated, e.g. '--runner=DataflowRunner --project=...'")
-flags.DEFINE_bool("overwrite", False, "rebuild even if a complete dataset is there")
-flags.DEFINE_bool("tfds_progress", False, "show tfds's own progress bars too")
-flags.DEFINE_integer("num_train", None, BUILDER_ARGS["num_train"])
-flags.DEFINE_integer("num_valid", None, BUILDER_ARGS["num_valid"])
-flags.DEFINE_integer("num_test", None, BUILDER_ARGS["num_test"])
-flags.DEFINE_integer("seed", None, BUILDER_ARGS["seed"])
-flags.DEFINE_float("clip_seconds", None, BUILDER_ARGS["clip_seconds"])
-flags.DEFINE_string("soundfont", None, BUILDER_ARGS["soundfont"])
+def define_flags() -> None:
+  """The command's flags; defined only when run as a program, so importing `build` registers nothing."""
+  flags.DEFINE_string("data_dir", None, "where datasets are written (and read by training)")
+  flags.DEFINE_string("manual_dir", None, "the raw files (see data_prep/<NAME>/README.md)")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                       "decoding processes (default: all cores); with --beam, DirectRunner workers")
+  flags.DEFINE_bool("beam", False, "build with Apache Beam (DirectRunner unless --beam_options names another runner)")
+  flags.DEFINE_string("beam_options", "",
+                      "Beam pipeline options, space-separated, e.g. '--runner=DataflowRunner --project=...'")
+  flags.DEFINE_bool("overwrite", False, "rebuild even if a complete dataset is there")
+  flags.DEFINE_bool("tfds_progress", False, "show tfds's own progress bars too")
+  flags.DEFINE_integer("num_train", None, BUILDER_ARGS["num_train"])
+  flags.DEFINE_integer("num_valid", None, BUILDER_ARGS["num_valid"])
+  flags.DEFINE_integer("num_test", None, BUILDER_ARGS["num_test"])
+  flags.DEFINE_integer("seed", None, BUILDER_ARGS["seed"])
+  flags.DEFINE_float("clip_seconds", None, BUILDER_ARGS["clip_seconds"])
+  flags.DEFINE_string("soundfont", None, BUILDER_ARGS["soundfont"])
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise ConfigError(f"usage: python -m data_prep.build NAME[/CONFIG] --data_dir D [--manual_dir M]; NAME is one "
                       f"of {', '.join(BUILDERS)}")
-  if not FLAGS.data_dir:
+  if not flags.FLAGS.data_dir:
     raise ConfigError("--data_dir is required")
-  beam_options = FLAGS.beam_options.split()
-  if FLAGS.beam and not any(o.startswith("--runner") for o in beam_options):
+  beam_options = flags.FLAGS.beam_options.split()
+  if flags.FLAGS.beam and not any(o.startswith("--runner") for o in beam_options):
     # Threads, not processes: decoding releases the GIL, and the records are then written by this process.
     beam_options = ["--runner=DirectRunner", "--direct_running_mode=multi_threading",
-                    f"--direct_num_workers={FLAGS.num_workers}", *beam_options]
-  summary = build(argv[1], FLAGS.data_dir, FLAGS.manual_dir, overwrite=FLAGS.overwrite, beam=FLAGS.beam,
-                  beam_options=beam_options, num_workers=FLAGS.num_workers, verbose=FLAGS.tfds_progress,
-                  **{k: getattr(FLAGS, k) for k in BUILDER_ARGS})
+                    f"--direct_num_workers={flags.FLAGS.num_workers}", *beam_options]
+  summary = build(argv[1], flags.FLAGS.data_dir, flags.FLAGS.manual_dir, overwrite=flags.FLAGS.overwrite, beam=flags.FLAGS.beam,
+                  beam_options=beam_options, num_workers=flags.FLAGS.num_workers, verbose=flags.FLAGS.tfds_progress,
+                  **{k: getattr(flags.FLAGS, k) for k in BUILDER_ARGS})
   if summary.get("reused"):
     print(f"{summary['name']} is already built in {summary['path']} (use --overwrite to rebuild)")
   print(common.format_summary(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
