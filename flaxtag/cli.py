@@ -2,23 +2,40 @@
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from flaxtag.errors import FlaxtagError
 
 
+def _parse_flags_or_exit(argv):
+  """Parses the flags, returning the positional arguments. A mistyped `--config.x.y=...` raises
+  KeyError/AttributeError from inside ml_collections; it is reported in one line instead."""
+  app.define_help_flags()
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}\nPass --helpshort for the flags of this command.")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    reason = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    _fail(f"bad command-line flag: {reason}")
+
+
+def _fail(message):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run(main):
-  """Runs `main(argv)` under absl; a FlaxtagError prints `error: <message>` and exits with status 2."""
-
-  def guarded(argv):
-    # Orbax and JAX log every save and restore (and read-only opens as warnings); commands print their own
-    # progress, so library logs show only errors unless --verbosity is given.
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-      logging.set_verbosity(logging.ERROR)
-    try:
-      return main(argv)
-    except FlaxtagError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(guarded)
+  """Parses absl flags and runs `main(argv)`; bad flags and FlaxtagErrors print `error: <message>`, exit 2."""
+  argv = _parse_flags_or_exit(sys.argv)
+  # Orbax and JAX log every save and restore (and read-only opens as warnings); commands print their own
+  # progress, so library logs show only errors unless --verbosity is given.
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    logging.set_verbosity(logging.ERROR)
+  try:
+    main(argv)
+  except app.UsageError as e:
+    _fail(e)
+  except FlaxtagError as e:
+    _fail(e)

@@ -222,3 +222,14 @@ def test_bad_feature_and_encoder_options_are_config_errors():
   config.model.encoder.positions = "rotary"
   with pytest.raises(ConfigError, match="'sinusoidal' or 'learned'"):
     tagger.build_model(config.model)
+
+
+def test_summary_command_and_a_mistyped_override():
+  base_command = [sys.executable, "-m", "flaxtag.summary", "--config", str(REPO / "configs" / "mtat_raw_cnnl.py")]
+  done = subprocess.run(base_command + ["--depth=1"], capture_output=True, text=True, cwd=REPO, check=False)
+  assert done.returncode == 0 and done.stdout.strip().endswith("trainable parameters: 97154")
+  done = subprocess.run(base_command + ["--config.model.conv_chanels=8"], capture_output=True, text=True, cwd=REPO,
+                        check=False)
+  assert done.returncode == 2
+  assert done.stderr.strip() == ("error: bad command-line flag: 'conv_chanels' Did you mean \"conv_channels\" instead "
+                                 "of \"conv_chanels\"?")
