@@ -2,17 +2,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,synth
+TEST_EXTRAS := dev,synth,beam
+DEMO_EXTRAS := synth
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test system-deps clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# One stamp per set of extras, redone when the package metadata changes.
+$(VENV)/.installed-%: setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -e ".[$*]"
 	@touch $@
-
-install: $(VENV)/.installed
 
 # FluidSynth renders the synthetic multi-instrument dataset. Installed here when run as root (Debian/Ubuntu).
 system-deps:
@@ -26,10 +26,10 @@ system-deps:
 	  exit 1; \
 	fi
 
-test: install system-deps
+test: $(VENV)/.installed-$(TEST_EXTRAS) system-deps
 	$(PY) -m pytest -q tests
 
-demo: install system-deps
+demo: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
 	$(PY) -m flaxtag.demo
 
 clean:
