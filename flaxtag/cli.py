@@ -27,15 +27,17 @@ def _fail(message):
 
 
 def run(main):
-  """Parses absl flags and runs `main(argv)`; bad flags and FlaxtagErrors print `error: <message>`, exit 2."""
+  """Parses absl flags and runs `main(argv)`, exiting with its return value (None: 0); bad flags and
+  FlaxtagErrors print `error: <message>` and exit with status 2."""
   argv = _parse_flags_or_exit(sys.argv)
   # Orbax and JAX log every save and restore (and read-only opens as warnings); commands print their own
   # progress, so library logs show only errors unless --verbosity is given.
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     logging.set_verbosity(logging.ERROR)
   try:
-    main(argv)
+    status = main(argv)
   except app.UsageError as e:
     _fail(e)
   except FlaxtagError as e:
     _fail(e)
+  sys.exit(status)
