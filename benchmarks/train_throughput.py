@@ -1,0 +1,246 @@
+"""Training throughput of method A's four models: samples/s, FLOPs per sample and MFU of the real train step.
+
+For each model (c=16, 50 tags by default) this builds the recipe's optimizer (`make_optimizer`, Adam phase), the
+jit-compiled `make_train_step` on a 1-device mesh, and times steps on a fixed random batch already on the device
+(the input pipeline is not part of the figure). FLOPs per sample are counted twice:
+
+- analytic: the model's convolutions, dense layers and attention matmuls (2 FLOPs per multiply-add), forward ×3
+  for forward + backward; elementwise work, the FFT and the optimizer are left out. This is the "model FLOPs" of
+  MFU, independent of how the code computes them.
+- XLA: `cost_analysis()` of the compiled forward + backward (loss and gradients, no optimizer). It counts what
+  the compiled program does, e.g. the zeros of the banded vertical convolutions and elementwise ops.
+
+MFU = analytic FLOPs per second / a dense matmul's FLOP/s measured in the same run (fp32 2048×2048 on CPU, bf16
+8192×8192 with --half_precision), so load from other processes affects both alike. Runs unchanged on CPU and GPU.
+
+  .venv/bin/python benchmarks/train_throughput.py                      # all four models, batch 16, CPU
+  .venv/bin/python benchmarks/train_throughput.py --models=spec_att --steps=10
+  python benchmarks/train_throughput.py --half_precision --batch_size=256   # GPU, bf16 compute
+
+Do not run it under tests/conftest.py's 8-device setting: that splits the CPU into 8 devices.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import base  # noqa: E402
+from flaxtag import optim, sharding, train_step  # noqa: E402
+from flaxtag.models import frontends, heads, tagger  # noqa: E402
+
+# name → (front-end, back-end), SPEC §2–3.
+MODELS = {"spec_att": ("spec", "attention"), "raw_att": ("raw", "attention"), "spec_cnnp": ("spec", "cnn_p"),
+          "raw_cnnl": ("raw", "cnn_l")}
+LABELS = {"spec_att": "Spec+Att", "raw_att": "Raw+Att", "spec_cnnp": "Spec+CNN P", "raw_cnnl": "Raw+CNN L"}
+REFERENCE_SAMPLES_PER_S = 3.9  # A's PyTorch Spec+Att, batch 16, on this CPU kind (SPEC §3).
+REFERENCE_MFU = 0.26
+
+
+def model_config(name: str, conv_channels: int, num_tags: int):
+  config = base.get_config().model
+  config.frontend, config.backend = MODELS[name]
+  config.conv_channels = conv_channels
+  config.num_tags = num_tags
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analytic FLOPs (forward, per sample; 2 per multiply-add).
+
+
+def _conv(length: int, kernel: int, cin: int, cout: int) -> float:
+  return 2.0 * length * kernel * cin * cout
+
+
+def _encoder(config, tokens: int) -> float:
+  width, mlp = config.encoder.width, config.encoder.mlp_dim
+  dense = _conv(tokens, 1, width, 3 * width) + _conv(tokens, 1, width, width) + 2 * _conv(tokens, 1, width, mlp)
+  attention = 2 * 2.0 * tokens * tokens * width  # scores and context, all heads together
+  return config.encoder.num_layers * (dense + attention) + _conv(1, 1, width, width)  # + pooler
+
+
+def _spec_frontend(config, frames: int, projection: int | None) -> float:
+  c, mels = config.conv_channels, config.features.n_mels
+  n_bins = config.features.n_fft // 2 + 1
+  flops = 2.0 * frames * n_bins * mels  # mel filterbank
+  for share, width, mult in frontends.TIMBRE_BRANCHES:
+    height = int(share * mels)
+    flops += (mels - height + 1) * _conv(frames, height * width, 1, c * mult)
+  flops += sum(_conv(frames, length, 1, c * mult) for length, mult in frontends.TEMPORAL_BRANCHES)
+  out = c * (sum(m for _, _, m in frontends.TIMBRE_BRANCHES) + sum(m for _, m in frontends.TEMPORAL_BRANCHES))
+  if projection:
+    flops += _conv(frames, 1, out, projection)
+  return flops
+
+
+def _raw_layers(c: int, samples: int, multipliers) -> tuple[float, int, int]:
+  """Init conv (k3 stride 3) then [conv k3, pool 3] blocks: (flops, length, channels)."""
+  length = (samples + 2 - 3) // 3 + 1
+  flops, cin = _conv(length, 3, 1, c), c
+  for mult in multipliers:
+    flops += _conv(length, 3, cin, c * mult)
+    cin, length = c * mult, length // 3
+  return flops, length, cin
+
+
+def analytic_forward_flops(name: str, config) -> float:
+  frontend, backend = MODELS[name]
+  c, tags = config.conv_channels, config.num_tags
+  if frontend == "spec":
+    frames = 1 + frontends.CROP_SAMPLES["spec"] // config.features.hop_length
+    if backend == "attention":
+      return _spec_frontend(config, frames, config.encoder.width) + _encoder(config, frames + 1) + \
+          _conv(1, 1, config.encoder.width, tags)
+    width = 512  # CNN P, SPEC §3
+    out = c * 29
+    flops = _spec_frontend(config, frames, None) + _conv(frames, 7, out, width) + _conv(frames, 7, width, width)
+    flops += _conv(frames // 2, 7, width, width) + _conv(1, 1, 2 * width, 500) + _conv(1, 1, 500, tags)
+    return flops
+  samples = frontends.CROP_SAMPLES["raw"]
+  if backend == "attention":
+    flops, length, cin = _raw_layers(c, samples, (1, 2, 2, 2))
+    flops += _conv(length, 7, cin, config.encoder.width)
+    return flops + _encoder(config, length + 1) + _conv(1, 1, config.encoder.width, tags)
+  flops, length, cin = _raw_layers(c, samples, (1, 2, 2, 2, 2, 2, 2, 4, 4))
+  return flops + _conv(length, 1, cin, 512) + _conv(1, 1, 512, tags)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurements.
+
+
+def block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if isinstance(x, jax.Array) else x, tree)
+
+
+def matmul_peak(size: int, dtype, repeats: int = 10) -> float:
+  """FLOP/s of a jit-compiled size×size matmul (median of `repeats` runs)."""
+  a = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(2), (size, size), dtype)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2.0 * size**3 / statistics.median(times)
+
+
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def benchmark_model(name: str, args, mesh) -> dict:
+  config = model_config(name, args.conv_channels, args.num_tags)
+  model = tagger.build_model(config, half_precision=args.half_precision)
+  tx = optim.make_optimizer(optim.default_optim_config())
+  state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
+  rng = np.random.default_rng(0)
+  crop = tagger.crop_samples(model)
+  batch = sharding.global_batch({
+      "audio": (0.1 * rng.standard_normal((args.batch_size, crop))).astype(np.float32),
+      "labels": (rng.random((args.batch_size, args.num_tags)) < 0.1).astype(np.float32)}, mesh)
+
+  # XLA's count of the forward + backward (the loss and its gradients; no optimizer update).
+  def loss(params, batch_stats, audio, labels, key):
+    outputs, _ = model.apply({"params": params, "batch_stats": batch_stats}, audio, train=True,
+                             rngs={"dropout": key}, mutable=["batch_stats"])
+    return heads.loss(model.head, outputs, labels, None, model.hierarchy, model.head_options)[0]
+
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(state.params, state.batch_stats, batch["audio"],
+                                                    batch["labels"], jax.random.key(0))
+  xla_per_sample = xla_flops(lowered.compile()) / args.batch_size
+  analytic_per_sample = 3.0 * analytic_forward_flops(name, config)
+
+  step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
+  t = time.perf_counter()
+  state, metrics = block(step(state, batch))
+  compile_s = time.perf_counter() - t
+  for _ in range(args.warmup):
+    state, metrics = block(step(state, batch))
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, metrics = block(step(state, batch))
+    times.append(time.perf_counter() - t)
+  if not np.isfinite(float(metrics["loss"])):
+    raise FloatingPointError(f"{name}: non-finite loss {metrics['loss']}")
+  seconds = statistics.median(times)
+  return {
+      "model": name, "batch_size": args.batch_size, "s_per_step": seconds, "s_per_step_min": min(times),
+      "s_per_step_max": max(times), "samples_per_s": args.batch_size / seconds, "compile_s": compile_s,
+      "gflop_per_sample": analytic_per_sample / 1e9, "xla_gflop_per_sample": xla_per_sample / 1e9,
+      "gflop_per_s": analytic_per_sample * args.batch_size / seconds / 1e9,
+      "optimizer_phase": int(metrics["optimizer_phase"]),
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=7, help="timed steps per model (the median is reported)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
+  parser.add_argument("--half_precision", action="store_true", help="bf16 compute (GPU/TPU); fp32 params")
+  parser.add_argument("--conv_channels", type=int, default=16)
+  parser.add_argument("--num_tags", type=int, default=50)
+  parser.add_argument("--peak_size", type=int, default=0,
+                      help="matmul size for the peak; 0: 2048 on CPU, 8192 elsewhere")
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  unknown = sorted(set(names) - set(MODELS))
+  if unknown:
+    parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+
+  mesh = sharding.make_mesh()
+  device = jax.devices()[0]
+  on_cpu = device.platform == "cpu"
+  peak_size = args.peak_size or (2048 if on_cpu else 8192)
+  peak_dtype = jnp.bfloat16 if args.half_precision else jnp.float32
+  peaks = [matmul_peak(peak_size, peak_dtype)]
+  results = []
+  for name in names:
+    results.append(benchmark_model(name, args, mesh))
+    peaks.append(matmul_peak(peak_size, peak_dtype))  # between models too: the machine's load may change
+  peak = statistics.median(peaks)
+  for r in results:
+    r["mfu"] = r["gflop_per_s"] * 1e9 / peak
+
+  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s)), jax {jax.__version__}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  print(f"{jnp.dtype(peak_dtype).name} {peak_size}x{peak_size} matmul peak: {peak / 1e9:.1f} GFLOP/s "
+        f"(runs: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
+  header = (f"{'model':<11} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/sample':>12} {'XLA GFLOP':>9} "
+            f"{'GFLOP/s':>8} {'MFU':>6}")
+  print(header)
+  print("-" * len(header))
+  for r in results:
+    print(f"{LABELS[r['model']]:<11} {r['batch_size']:>5} {r['s_per_step']:>7.3f} {r['samples_per_s']:>9.2f} "
+          f"{r['gflop_per_sample']:>12.2f} {r['xla_gflop_per_sample']:>9.2f} {r['gflop_per_s']:>8.1f} "
+          f"{100 * r['mfu']:>5.1f}%")
+  if on_cpu and not args.half_precision and "spec_att" in names:
+    print(f"reference PyTorch Spec+Att on this CPU kind: {REFERENCE_SAMPLES_PER_S} samples/s, "
+          f"{100 * REFERENCE_MFU:.0f}% MFU")
+  print(json.dumps({
+      "benchmark": "train_throughput", "device": device.device_kind, "platform": device.platform,
+      "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
+      "half_precision": args.half_precision, "load_average": load[:3], "peak_gflop_per_s": peak / 1e9,
+      "peak_runs_gflop_per_s": [p / 1e9 for p in peaks], "peak_size": peak_size, "results": results}))
+
+
+if __name__ == "__main__":
+  main()
