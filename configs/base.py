@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.name = "mtat/top50_clean"  # a dataset built by `python -m data_prep.build`
   data.data_dir = "~/tensorflow_datasets"
-  data.worker_count = 2  # grain worker processes per host
+  data.worker_count = 0  # grain worker processes per host; 0 reads in threads, fastest here (BENCHMARKS.md)
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 16  # global: split over all devices of all hosts
