@@ -98,7 +98,7 @@ def format_report(result: dict, per_tag: bool = True) -> str:
     lines.append(f"{level:>6}: macro ROC-AUC {m['macro_roc_auc']:.4f}  PR-AUC {m['macro_pr_auc']:.4f}  "
                  f"({len(m['evaluated'])} tags)")
     if m["left_out"]:
-      lines.append(f"        left out of the means: " + ", ".join(f"{t} ({why})" for t, why in m["left_out"].items()))
+      lines.append("        left out of the means: " + ", ".join(f"{t} ({why})" for t, why in m["left_out"].items()))
   if "violation_rate" in result:
     lines.append(f"hierarchy violation rate: {result['violation_rate']:.4f}")
   if per_tag:

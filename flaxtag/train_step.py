@@ -5,7 +5,6 @@ seed and the step number, never from Python state, so a resumed run draws the sa
 are those of the global batch: under `jax.jit` the batch is one array sharded over the mesh, and XLA reduces
 across devices.
 """
-import functools
 from typing import Any
 
 import flax.struct

@@ -2,13 +2,10 @@
 
 `trained_run` (conftest) is the uninterrupted reference: 1 process × 8 devices, 3 epochs of 2 steps.
 """
-import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -16,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import synth
 from flaxtag import checkpoint, optim, train
 
 
