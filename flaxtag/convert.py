@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from data_prep.msd import msd
+from data_prep.mtat import mtat
 from flaxtag import checkpoint, cli
 from flaxtag.errors import CheckpointError
 from flaxtag.models import tagger
@@ -126,14 +128,25 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: tagger.MusicTag
   return variables
 
 
+# The reference models of method A were trained on these datasets; their outputs follow these tag orders.
+REFERENCE_TAGS = {"mtat": mtat.TOP50, "msd": msd.TAGS}
+
+
 def convert(reference_path, config, workdir, tag_names=None):
-  """Reads REF.pth, converts it for the model of `config`, and writes step 0 of an orbax checkpoint in workdir."""
+  """Reads REF.pth, converts it for the model of `config`, and writes step 0 of an orbax checkpoint in workdir.
+
+  Tag names: `tag_names`, else those of `config.data.name` (MTAT or MSD top-50), which `eval` checks against the
+  dataset it evaluates on.
+  """
   model = tagger.build_model(config.model)
   variables = convert_state_dict(load_state_dict(reference_path), model, source=os.fspath(reference_path))
   manager = checkpoint.open_manager(workdir)
   if manager.all_steps():
     raise CheckpointError(f"{workdir} already holds checkpoints {manager.all_steps()}; choose an empty workdir.")
-  metadata = {"source": f"converted from {os.path.abspath(reference_path)}", "tag_names": tag_names}
+  tag_names = tag_names or list(REFERENCE_TAGS.get(config.data.name.split("/")[0], ()))
+  if tag_names and len(tag_names) != model.num_tags:
+    raise CheckpointError(f"{len(tag_names)} tag names for a model of {model.num_tags} tags; pass --tags.")
+  metadata = {"source": f"converted from {os.path.abspath(reference_path)}", "tag_names": tag_names or None}
   checkpoint.save(manager, 0, variables=jax.tree_util.tree_map(np.asarray, variables), config=config,
                   metadata=metadata)
   manager.wait_until_finished()

@@ -99,7 +99,9 @@ def test_lee_lee_reference_checkpoint_reproduces_its_outputs(tmp_path):
       capture_output=True, text=True, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr
   io = np.load(REFERENCE / "lee_lee_c16_io.npz")
-  probs = Tagger.load(workdir).probs(io["x"])
+  loaded = Tagger.load(workdir)
+  assert loaded.tag_names[:3] == ["guitar", "classical", "slow"] and len(loaded.tag_names) == 50  # MTAT top-50
+  probs = loaded.probs(io["x"])
   np.testing.assert_allclose(probs, io["probs"], atol=1e-5)
   assert np.abs(probs - io["probs"]).max() < 1e-6
 
