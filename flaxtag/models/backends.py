@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtag.errors import AudioError, ConfigError
-from flaxtag.models.layers import ConvBlock, batch_norm
+from flaxtag.models.layers import ConvBlock, Dropout, batch_norm, max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,19 +66,20 @@ class EncoderLayer(nn.Module):
     # One matmul for queries, keys and values.
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x).reshape(batch, tokens, 3, cfg.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
+    # Scaling the queries, not the logits: 4x fewer elements (T·d vs T·T per head), and exact for head_dim = 64.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query * (1 / math.sqrt(head_dim)), key)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attention", probs)
     if forced_attention is not None:  # (B, tokens): every head and query attends as given.
       probs = jnp.broadcast_to(forced_attention[:, None, None, :].astype(jnp.float32), probs.shape)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=not train)
+    probs = Dropout(cfg.attention_dropout)(probs, deterministic=not train)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value).reshape(batch, tokens, width)
     attended = nn.Dense(width, dtype=self.dtype, name="attention_out")(context)
-    attended = nn.Dropout(cfg.dropout)(attended, deterministic=not train)
+    attended = Dropout(cfg.dropout)(attended, deterministic=not train)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="attention_norm")(x + attended)
     hidden = jax.nn.gelu(nn.Dense(cfg.mlp_dim, dtype=self.dtype, name="mlp_in")(x), approximate=False)
     hidden = nn.Dense(width, dtype=self.dtype, name="mlp_out")(hidden)
-    hidden = nn.Dropout(cfg.dropout)(hidden, deterministic=not train)
+    hidden = Dropout(cfg.dropout)(hidden, deterministic=not train)
     return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="mlp_norm")(x + hidden)
 
 
@@ -112,7 +113,7 @@ class AttentionBackEnd(nn.Module):
       table = self.param("position_embeddings", nn.initializers.normal(0.02), (cfg.max_positions, width))
       x = x + table[: length + 1].astype(x.dtype)
       x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="embedding_norm")(x)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    x = Dropout(cfg.dropout)(x, deterministic=not train)
     for i in range(cfg.num_layers):
       forced = forced_attention if i == cfg.num_layers - 1 else None
       x = EncoderLayer(cfg, dtype=self.dtype, name=f"layer_{i}")(x, train, forced)
@@ -129,7 +130,7 @@ class PonsBackEnd(nn.Module):
   def __call__(self, x, train: bool):
     x = ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_0")(x, train)
     x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_1")(x, train)
-    x = nn.max_pool(x, (2,), strides=(2,), padding="VALID")
+    x = max_pool(x, 2)
     x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_2")(x, train)
     x = jnp.concatenate([jnp.max(x, axis=1), jnp.mean(x, axis=1)], axis=-1)
     x = nn.Dense(self.embed_dim, dtype=self.dtype, name="dense")(x)

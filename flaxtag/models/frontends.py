@@ -8,12 +8,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxtag import audio
 from flaxtag.errors import AudioError
-from flaxtag.models.layers import ConvBlock, batch_norm
+from flaxtag.models.layers import BatchNormStats, ConvBlock
 
 # Training crop per front-end (SPEC §1): 256 centred STFT frames, and 10·3^8 samples.
 CROP_SAMPLES = {"spec": 65_280, "raw": 65_610}
@@ -24,8 +25,35 @@ TIMBRE_BRANCHES = ((0.9, 7, 1), (0.9, 3, 2), (0.9, 1, 4), (0.4, 7, 1), (0.4, 3, 
 TEMPORAL_BRANCHES = ((165, 1), (129, 2), (65, 4), (33, 8))
 
 
+@jax.custom_vjp
+def take_extreme(y: jax.Array, largest: jax.Array) -> jax.Array:
+  """y (B, T, P, C) at its max over P where largest[c], at its min elsewhere: (B, T, C).
+
+  The gradient goes to that one element (the first on ties), built in one elementwise pass from the stored
+  indices; autodiff of a max would compare every element with the result and count the ties.
+  """
+  return _take_extreme_fwd(y, largest)[0]
+
+
+def _take_extreme_fwd(y, largest):
+  index = jnp.argmax(jnp.where(largest, y, -y), axis=2)
+  return jnp.take_along_axis(y, index[:, :, None, :], axis=2)[:, :, 0], (index, y)
+
+
+def _take_extreme_bwd(residuals, grad):
+  index, y = residuals  # y only for its shape: its buffer is kept for the BN statistics' gradient anyway.
+  picked = lax.broadcasted_iota(index.dtype, y.shape, 2) == index[:, :, None, :]
+  return jnp.where(picked, grad[:, :, None, :], 0).astype(y.dtype), None
+
+
+take_extreme.defvjp(_take_extreme_fwd, _take_extreme_bwd)
+
+
 class TimbreConv(nn.Module):
   """A (height × width) conv over (frequency, time), unpadded in frequency, then BN, ReLU, max over frequency.
+
+  Takes the front-end's input BatchNorm apart: `centred` (B, T, mel) is the log-mel minus that BatchNorm's mean,
+  and the normalised input is `centred * in_mul + in_bias` (scalars).
 
   A tall kernel over one input channel is a poor case for XLA's convolutions, so it is computed as a 1-D conv
   over time whose input channels are the mel bands and whose output channels are (frequency position × filter),
@@ -36,9 +64,9 @@ class TimbreConv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, spec, train: bool):  # spec: (B, mel, T)
+  def __call__(self, centred, in_mul, in_bias, train: bool):
     height, width = self.kernel_size
-    batch, n_mels, frames = spec.shape
+    batch, frames, n_mels = centred.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (height, width, 1, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     positions = n_mels - height + 1
@@ -47,12 +75,34 @@ class TimbreConv(nn.Module):
     banded = jnp.take(kernel[:, :, 0, :], np.clip(offset, 0, height - 1), axis=0)  # (mel, pos, width, c)
     banded = jnp.where(inside[:, :, None, None], banded, 0.0)
     banded = banded.transpose(2, 0, 1, 3).reshape(width, n_mels, positions * self.features)
-    y = jax.lax.conv_general_dilated(
-        spec.transpose(0, 2, 1).astype(self.dtype), banded.astype(self.dtype), window_strides=(1,),
-        padding=[(width // 2, width // 2)], dimension_numbers=("NWC", "WIO", "NWC"))
-    y = y.reshape(batch, frames, positions, self.features) + bias.astype(self.dtype)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn")(y))
-    return jnp.max(y, axis=2)  # (B, T, c)
+    pad = [(width // 2, width // 2)]
+    # conv(centred·in_mul + in_bias) + bias = in_mul·conv(centred) + offset: `centred` holds no parameter, so the
+    # backward pass needs no input gradient of this, the front-end's largest matmul (a third of its cost).
+    conv = jax.lax.conv_general_dilated(centred.astype(self.dtype), banded.astype(self.dtype), window_strides=(1,),
+                                        padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
+    conv = conv.reshape(batch, frames, positions, self.features)
+    # edge[t]: the kernel's sum over the taps that fall on frames (the input is zero-padded in time).
+    edge = jax.lax.conv_general_dilated(jnp.ones((1, frames, 1), jnp.float32), jnp.sum(kernel, axis=0),
+                                        window_strides=(1,), padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
+    offset = in_bias * edge[0] + bias  # (T, c)
+    in_mul_d, offset_d = in_mul.astype(self.dtype), offset.astype(self.dtype)
+    moments = None
+    if train:
+      # BN statistics of y = conv·in_mul + offset from per-(t, c) sums of conv and conv² over (batch, position):
+      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`.
+      conv32 = conv.astype(jnp.float32)
+      sum1, sum2 = jnp.sum(conv32, axis=(0, 2)), jnp.sum(lax.square(conv32), axis=(0, 2))
+      n = batch * positions
+      y_sum = in_mul * sum1 + n * offset
+      y2_sum = lax.square(in_mul) * sum2 + 2 * in_mul * offset * sum1 + n * lax.square(offset)
+      moments = jnp.sum(y_sum, axis=0) / (n * frames), jnp.sum(y2_sum, axis=0) / (n * frames)
+    mean, mul, bn_bias = BatchNormStats(name="bn")(conv, train, moments)
+    # relu(BN(y)) is monotonic in conv, increasing where in_mul·mul ≥ 0 and decreasing elsewhere (float rounding
+    # keeps it so), so its max over frequency is its value at conv's max, or min: y, BN and ReLU are then computed
+    # for positions× fewer elements, each with the same arithmetic as it would have had before the pooling.
+    extreme = take_extreme(conv, in_mul * mul >= 0)
+    y = (extreme * in_mul_d + offset_d).astype(jnp.float32)
+    return nn.relu((y - mean) * mul + bn_bias).astype(self.dtype)  # (B, T, c)
 
 
 class SpecFrontEnd(nn.Module):
@@ -64,14 +114,18 @@ class SpecFrontEnd(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    spec = self.log_mel(x)
-    spec = batch_norm(train, self.dtype, name="input_bn")(spec[..., None])[..., 0]
+    spec = self.log_mel(x).transpose(0, 2, 1)  # (B, T, mel)
+    # The input BatchNorm (one channel) as (spec - mean)·mul + bias, applied inside the branches (see TimbreConv).
+    mean, mul, bias = BatchNormStats(name="input_bn")(spec.reshape(-1, 1), train)
+    centred = spec - mean
     c, n_mels = self.conv_channels, self.mel.n_mels
     branches = [
-        TimbreConv(c * mult, (int(share * n_mels), width), dtype=self.dtype, name=f"timbre_{i}")(spec, train)
+        TimbreConv(c * mult, (int(share * n_mels), width), dtype=self.dtype, name=f"timbre_{i}")(
+            centred, mul, bias, train)
         for i, (share, width, mult) in enumerate(TIMBRE_BRANCHES)
     ]
-    envelope = jnp.mean(spec, axis=1)[..., None]  # (B, T, 1): the mel-averaged envelope
+    # The mel-averaged envelope of the normalised input, (B, T, 1).
+    envelope = (jnp.mean(centred, axis=2, keepdims=True) * mul + bias).astype(self.dtype)
     branches += [
         ConvBlock(c * mult, length, dtype=self.dtype, name=f"temporal_{i}")(envelope, train)
         for i, (length, mult) in enumerate(TEMPORAL_BRANCHES)
