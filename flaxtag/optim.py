@@ -11,6 +11,10 @@ update from then on; an SGD learning-rate boundary `b` applies to the updates wi
 steps) scale the estimated lr. SWATS' `swats_epsilon` is absolute (1e-9 in the paper), so it depends on the scale of
 the lr; with float32 noise on the estimate, a larger value may be needed for the switch to happen at all.
 
+Short runs that never switch (`switch='none'`, e.g. the demo) may shape Adam's lr: a linear warm-up over
+`adam_warmup_steps` updates, then a cosine decay to 0 reached at update `adam_decay_steps` (0 turns either off; the
+recipe uses neither).
+
 The training loop watches `optimizer_phase(opt_state)`: when it turns to 1 the next update is SGD. The recipe then
 reloads the best *parameters* so far and keeps the current optimizer state, which carries the switch, the step
 count and a fresh momentum buffer.
@@ -40,6 +44,8 @@ def default_optim_config(steps_per_epoch: int = MTAT_STEPS_PER_EPOCH) -> ml_coll
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
+  c.adam_warmup_steps = 0
+  c.adam_decay_steps = 0
   c.sgd_lr = 1e-3
   c.momentum = 0.9
   c.nesterov = True
@@ -54,9 +60,11 @@ def default_optim_config(steps_per_epoch: int = MTAT_STEPS_PER_EPOCH) -> ml_coll
 def recipe_config() -> ml_collections.ConfigDict:
   """`config.optim` of a run: the recipe with its switch points in epochs (see `in_steps`)."""
   c = default_optim_config(steps_per_epoch=1)
-  del c.switch_step, c.sgd_lr_boundaries
+  del c.switch_step, c.sgd_lr_boundaries, c.adam_warmup_steps, c.adam_decay_steps
   c.switch_epoch = 60
   c.sgd_lr_drop_epochs = (80, 100)
+  c.adam_warmup_epochs = 0.0
+  c.adam_decay_epochs = 0.0
   return c
 
 
@@ -65,6 +73,8 @@ def in_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_coll
   values = config.to_dict()
   values["switch_step"] = int(values.pop("switch_epoch") * steps_per_epoch)
   values["sgd_lr_boundaries"] = tuple(int(e * steps_per_epoch) for e in values.pop("sgd_lr_drop_epochs"))
+  for name in ("adam_warmup", "adam_decay"):
+    values[f"{name}_steps"] = int(values.pop(f"{name}_epochs") * steps_per_epoch)
   c = ml_collections.ConfigDict(values)
   validate_optim_config(c)
   return c
@@ -92,8 +102,9 @@ def validate_optim_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"optim.{name}={config[name]!r} must be non-negative.")
   if config.nesterov and config.momentum == 0:
     raise ConfigError("optim.nesterov=True needs optim.momentum > 0 (as in PyTorch's SGD).")
-  if not _is_step(config.switch_step):
-    raise ConfigError(f"optim.switch_step={config.switch_step!r} must be a non-negative int (a step, not an epoch).")
+  for name in ("switch_step", "adam_warmup_steps", "adam_decay_steps"):
+    if not _is_step(config[name]):
+      raise ConfigError(f"optim.{name}={config[name]!r} must be a non-negative int (a step count, not epochs).")
   boundaries = tuple(config.sgd_lr_boundaries)
   if not all(_is_step(b) for b in boundaries):
     raise ConfigError(f"optim.sgd_lr_boundaries={boundaries} must be non-negative ints (steps).")
@@ -131,10 +142,19 @@ def scale_by_adam_then_sgd(config: ml_collections.ConfigDict) -> optax.GradientT
   boundaries = tuple(config.sgd_lr_boundaries)
   b2 = config.adam_b2
 
+  def adam_lr_at(count):
+    lr = jnp.float32(config.adam_lr)
+    if config.adam_warmup_steps:
+      lr = lr * jnp.minimum(1.0, (count + 1) / config.adam_warmup_steps)
+    if config.adam_decay_steps:
+      progress = jnp.minimum(count, config.adam_decay_steps) / config.adam_decay_steps
+      lr = lr * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return lr
+
   def next_lr(count, phase, sgd_lr):
     for b in boundaries:
       sgd_lr = jnp.where(count >= b, sgd_lr * config.sgd_lr_decay, sgd_lr)
-    return jnp.where(phase == 1, sgd_lr, jnp.float32(config.adam_lr)).astype(jnp.float32)
+    return jnp.where(phase == 1, sgd_lr, adam_lr_at(count)).astype(jnp.float32)
 
   def phase_at(count):
     return (count >= config.switch_step).astype(jnp.int32) if mode == "step" else jnp.zeros([], jnp.int32)

@@ -137,6 +137,26 @@ def test_none_is_adam_throughout():
   assert all(int(optim.optimizer_phase(s)) == 0 for s in states)
 
 
+def test_adam_warmup_and_cosine_decay_equal_adam_with_that_schedule():
+  params, grads = _params_and_grads(seed=4)
+  config = _config(switch="none", adam_lr=1e-3, adam_warmup_steps=2, adam_decay_steps=5)
+  ours, states, _ = _run(optim.make_optimizer(config), params, grads)
+  # Update k: lr·min(1, (k+1)/2)·½(1 + cos(π·min(k, 5)/5)), written out.
+  c = [0.5 * (1 + np.cos(np.pi * k / 5)) for k in range(6)]
+  lrs = 1e-3 * np.array([0.5 * c[0], c[1], c[2], c[3], c[4], 0.0, 0.0])
+  np.testing.assert_allclose([float(optim.current_learning_rate(s)) for s in states[:-1]], lrs, rtol=1e-6, atol=1e-12)
+  adam, _, _ = _run(optax.adam(lambda count: jnp.asarray(lrs, jnp.float32)[count]), params, grads)
+  for ours_step, adam_step in zip(ours, adam):
+    _assert_trees_close(ours_step, adam_step, rtol=1e-6, atol=1e-12)
+
+
+def test_schedule_epochs_become_steps():
+  config = optim.recipe_config()
+  config.update(switch="none", adam_warmup_epochs=0.5, adam_decay_epochs=8)
+  steps = optim.in_steps(config, steps_per_epoch=31)
+  assert (steps.adam_warmup_steps, steps.adam_decay_steps) == (15, 248)
+
+
 def _quadratic_grads(x, curvature):
   return {k: curvature[k] * x[k] for k in x}
 
@@ -224,6 +244,7 @@ def test_default_config_is_the_recipe_in_steps():
     (dict(switch_step=100, sgd_lr_boundaries=(300, 200)), "increasing"),
     (dict(switch_step=100, sgd_lr_boundaries=(50, 200)), "before"),
     (dict(switch_step=-1), "switch_step"),
+    (dict(adam_decay_steps=-3), "adam_decay_steps"),
     (dict(momentum=1.0), "momentum"),
     (dict(swats_epsilon=0.0), "swats_epsilon"),
 ])
