@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_EXTRAS := dev,synth,beam
 DEMO_EXTRAS := synth
 
-.PHONY: demo test system-deps clean
+.PHONY: demo study test system-deps clean
 
 # One stamp per set of extras, redone when the package metadata changes.
 $(VENV)/.installed-%: setup.cfg pyproject.toml
@@ -31,6 +31,10 @@ test: $(VENV)/.installed-$(TEST_EXTRAS) system-deps
 
 demo: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
 	$(PY) -m flaxtag.demo
+
+# The heads study of RESULTS.md (hours on a 2-core CPU; resumable: rerun to continue).
+study: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
+	$(PY) -m flaxtag.study
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -82,6 +82,6 @@ if __name__ == "__main__":
                                   "Config of the demo run.", lock_config=True)
   flags.DEFINE_string("out", "demo_out", "Where the dataset, run, report and figures go.")
   flags.DEFINE_integer("num_train", 1000, "Training clips of the synthetic set.")
-  flags.DEFINE_integer("num_valid", 200, "Validation clips.")
+  flags.DEFINE_integer("num_valid", 100, "Validation clips.")
   flags.DEFINE_integer("num_test", 200, "Test clips.")
   cli.run(main)

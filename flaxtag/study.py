@@ -107,7 +107,8 @@ def run_study(base_config, out: str, variants, seeds, sizes: dict) -> list[dict]
   print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
   results_path = os.path.join(out, "results.jsonl")
   done = {(r["variant"], r["seed"]) for r in read_results(results_path)}
-  todo = [(v, s) for v in variants for s in seeds if (v, s) not in done]
+  # Seed by seed, so that an interrupted study has compared every variant once before it repeats any.
+  todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
   print(f"{len(variants) * len(seeds) - len(todo)} of {len(variants) * len(seeds)} runs already done; "
         f"results in {results_path}", flush=True)
   for i, (variant, seed) in enumerate(todo, 1):
@@ -143,7 +144,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
-  config.data.data_dir = f.data_dir or os.path.join(f.out, "data")
+  config.data.data_dir = f.data_dir
   seeds = [int(s) for s in f.seeds]
   variants = f.variants or list(VARIANTS)
   os.makedirs(f.out, exist_ok=True)
@@ -159,10 +160,10 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "study.py"),
                                   "Config shared by every run of the study.", lock_config=True)
   flags.DEFINE_string("out", "study_out", "Where the runs, results.jsonl and results.md go.")
-  flags.DEFINE_string("data_dir", "", "The synthetic set (default <out>/data; built if missing, e.g. demo_out/data).")
+  flags.DEFINE_string("data_dir", "demo_out/data", "The synthetic set: the demo's (built here if missing).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each variant trains once per seed.")
   flags.DEFINE_list("variants", [], f"Variants to run (default all): {', '.join(VARIANTS)}.")
   flags.DEFINE_integer("num_train", 1000, "Training clips of the synthetic set, if it is built here.")
-  flags.DEFINE_integer("num_valid", 200, "Validation clips.")
+  flags.DEFINE_integer("num_valid", 100, "Validation clips.")
   flags.DEFINE_integer("num_test", 200, "Test clips.")
   cli.run(main)
