@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batch_size = 16  # clips (×16 crops each)
   train.num_epochs = 200
   train.log_every_steps = 50
+  train.eval_every_epochs = 1  # validation (16 crops per clip) after every k-th epoch and the last
   train.checkpoints_to_keep = 2  # the latest k, plus the best by validation ROC-AUC
 
   config.optim = optim.recipe_config()  # Adam 1e-4 → SGD (Nesterov 0.9, wd 1e-4) 1e-3 at epoch 60, ×0.1 at 80, 100

@@ -76,8 +76,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   mesh = sharding.make_mesh(config.mesh.model)
   local_batch = sharding.check_global_batch_size(config.train.batch_size, mesh)
   sharding.check_global_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  if config.train.num_epochs < 1:
-    raise ConfigError(f"train.num_epochs={config.train.num_epochs} must be at least 1.")
+  for key in ("num_epochs", "eval_every_epochs"):
+    if config.train[key] < 1:
+      raise ConfigError(f"train.{key}={config.train[key]} must be at least 1.")
   steps = input_pipeline.steps_per_epoch(info.split_sizes["train"], local_batch, jax.process_count())
   if steps < 1:
     raise ConfigError(f"the train split of {config.data.name} ({info.split_sizes['train']} clips) is smaller than "
@@ -184,13 +185,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
         window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
-      if epoch_end:
+      epoch = step // run.steps_per_epoch
+      if epoch_end and (epoch % config.train.eval_every_epochs == 0 or step == run.total_steps):
         result = validate(run, predict_step, state)
         scalars = evaluation.headline(result)
-        writer.write(step, "valid", {**scalars, "epoch": step // run.steps_per_epoch})
-        bar.write(f"epoch {step // run.steps_per_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        writer.write(step, "valid", {**scalars, "epoch": epoch})
+        bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
-      elif preempted:
+      elif epoch_end or preempted:
         _save(manager, run, state, data_iterator)
       if preempted:
         manager.wait_until_finished()
