@@ -1,7 +1,8 @@
-"""The heads study (`python -m flaxtag.study`, RESULTS.md): the demo's backbone, data and recipe at half its budget.
+"""The heads study (`python -m flaxtag.study`, RESULTS.md): the demo's backbone, data and recipe, shorter.
 
-Six epochs instead of the demo's 24 (validated after the 3rd and the 6th) keep the study (13 variants × 3 seeds) to hours on a 2-core CPU; the Adam
-schedule still decays to 0 at the last epoch. flaxtag/study.py sets the head (or the model) and the seed of each run.
+Six epochs instead of the demo's 24 (validated after the 3rd and the 6th) keep the study (13 variants × 3 seeds)
+to hours on a 2-core CPU; the Adam schedule still decays to 0 at the last epoch. flaxtag/study.py sets the head
+(or the model) and the seed of each run.
 """
 from configs import demo
 
