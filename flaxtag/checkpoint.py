@@ -73,10 +73,11 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int = "best") -> i
 
 
 def _step_metrics(manager, step):
-  path = os.path.join(os.fspath(manager.directory), str(step), "_CHECKPOINT_METADATA")
+  # The `metrics` item orbax writes beside the others when the manager has a best_fn (train._manager sets one).
+  path = os.path.join(os.fspath(manager.directory), str(step), "metrics", "metrics")
   try:
     with open(path) as f:
-      return json.load(f).get("metrics")
+      return json.load(f)
   except (OSError, ValueError):
     return None
 

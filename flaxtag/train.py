@@ -92,7 +92,9 @@ def _manager(workdir, config) -> ocp.CheckpointManager:
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[checkpoint.BEST_METRIC], reverse=False, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
+  # best_fn too: without it orbax keeps the metrics of a save in memory only, and "best" would not survive the run.
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
+                                         best_fn=lambda m: m[checkpoint.BEST_METRIC], best_mode="max")
   return checkpoint.open_manager(workdir, options=options, extra_handlers={
       OPTIMIZER: ocp.StandardCheckpointHandler(), DATA_ITERATOR: ocp.JsonCheckpointHandler()})
 

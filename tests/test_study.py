@@ -49,13 +49,21 @@ def test_tables_report_mean_and_sample_std_over_seeds():
 
 def test_study_trains_tests_and_resumes(synth_data_dir, tmp_path):
   """A one-variant, one-seed study of the tiny model: its line equals a fresh evaluation of its best checkpoint,
-  and a rerun adds nothing."""
-  from flaxtag import eval as evaluation  # pylint: disable=g-import-not-at-top
-  config = train_runs.run_config(synth_data_dir, **{"train.num_epochs": 1})
+  and a rerun adds nothing. Its run validates every 2nd epoch (as the study's config does every 3rd) and the last."""
+  from flaxtag import checkpoint, eval as evaluation  # pylint: disable=g-import-not-at-top
+  config = train_runs.run_config(synth_data_dir, **{"train.eval_every_epochs": 2})
   sizes = {"num_train": 16, "num_valid": 8, "num_test": 8}
   results = study.run_study(config, str(tmp_path), ["top_down"], [3], sizes)
   assert [(r["variant"], r["seed"]) for r in results] == [("top_down", 3)]
-  result, _, _ = evaluation.evaluate_checkpoint(tmp_path / "runs" / "top_down" / "seed_3", "best", "test")
+  workdir = tmp_path / "runs" / "top_down" / "seed_3"
+  valid = train_runs.records(workdir, "valid")
+  assert [r["epoch"] for r in valid] == [2, 3]
+  manager = checkpoint.open_manager(workdir, read_only=True)
+  assert set(manager.all_steps()) == {4, 6}  # every epoch is saved (the latest 2 kept); the best is a validated one
+  roc_auc_at = {r["step"]: r["roc_auc"] for r in valid}
+  best = checkpoint.resolve_step(manager, "best")
+  assert roc_auc_at[best] == max(roc_auc_at.values()) and best == results[0]["checkpoint_step"]
+  result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test")
   for key, value in evaluation.headline(result).items():
     assert results[0][key] == pytest.approx(value, abs=1e-6)
   assert study.run_study(config, str(tmp_path), ["top_down"], [3], sizes) == results

@@ -55,15 +55,6 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
 
 
-def test_validation_every_k_epochs_and_after_the_last(synth_data_dir, tmp_path):
-  workdir = tmp_path / "w"
-  train.train_and_evaluate(run_config(synth_data_dir, **{"train.eval_every_epochs": 2}), str(workdir))
-  assert [r["epoch"] for r in records(workdir, "valid")] == [2, 3]
-  manager = checkpoint.open_manager(workdir, read_only=True)
-  assert set(manager.all_steps()) == {4, 6}  # every epoch is saved; the best is one of the validated ones
-  assert checkpoint.resolve_step(manager, "best") == max(records(workdir, "valid"), key=lambda r: r["roc_auc"])["step"]
-
-
 def test_preempted_and_killed_run_resumes_to_the_same_parameters(synth_data_dir, trained_run, tmp_path):
   """SIGTERM mid-epoch saves and exits; a later SIGKILL loses only unsaved steps; the resumed run ends exactly
   where the uninterrupted one did."""
