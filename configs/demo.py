@@ -1,7 +1,7 @@
 """`make demo`: Spec+Att with the GMP head on the synthetic multi-instrument set, sized for a 2-core CPU.
 
 A smaller model than the paper's (c=8, 64 mel bands, a 128-wide encoder) trained for minutes, not days. Choices
-measured on this set (validation fine ROC-AUC by epoch, README.md): batch 8 learns far faster per epoch than
+measured on this set (validation fine ROC-AUC by epoch, BENCHMARKS.md): batch 8 learns far faster per epoch than
 batch 32 (four times the updates); Adam with a short warm-up and a cosine decay to 0 at the last epoch; little
 dropout (these short runs underfit, and dropout only slowed them); 64 mel bands learn as fast per epoch as 96 at
 ~25 % less time per step; validation every 4 epochs. Everything else is the method of configs/synth.py.

@@ -87,14 +87,15 @@ def setup(config: ml_collections.ConfigDict) -> Run:
 
 
 def _manager(workdir, config) -> ocp.CheckpointManager:
+  best_metric = lambda m: m[checkpoint.BEST_METRIC]
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(config.train.checkpoints_to_keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[checkpoint.BEST_METRIC], reverse=False, n=1,
+      ocp.checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
   # best_fn too: without it orbax keeps the metrics of a save in memory only, and "best" would not survive the run.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                         best_fn=lambda m: m[checkpoint.BEST_METRIC], best_mode="max")
+                                         best_fn=best_metric, best_mode="max")
   return checkpoint.open_manager(workdir, options=options, extra_handlers={
       OPTIMIZER: ocp.StandardCheckpointHandler(), DATA_ITERATOR: ocp.JsonCheckpointHandler()})
 

@@ -10,7 +10,7 @@ import ml_collections
 from flaxtag import audio
 from flaxtag.errors import ConfigError
 from flaxtag.hierarchy import Hierarchy
-from flaxtag.models import backends, frontends, heads
+from flaxtag.models import backends, frontends, heads, layers
 
 FRONTENDS = ("spec", "raw")
 BACKENDS = {"spec": ("attention", "cnn_p"), "raw": ("attention", "cnn_l")}
@@ -48,7 +48,7 @@ class MusicTagger(nn.Module):
       x = backends.PonsBackEnd(dtype=self.dtype, name="backend")(x, train)
     else:
       x = backends.SampleBackEnd(self.conv_channels, dtype=self.dtype, name="backend")(x, train)
-    x = nn.Dropout(self.head_dropout)(x, deterministic=not train).astype(jnp.float32)
+    x = layers.Dropout(self.head_dropout)(x, deterministic=not train).astype(jnp.float32)
     head_params = self.param(
         "head", lambda rng: heads.init_params(rng, self.head, x.shape[-1], self.num_tags, self.hierarchy,
                                               self.head_options))
