@@ -17,9 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.conv_channels = 16  # c of SPEC §2 (16 in A's training recipe, 8 in its visualisation model)
   model.num_tags = 50
   model.head = "flat"  # flat | multitask | multitask_hloss | top_down | gmp | resatt
+  # heads.HeadOptions' defaults; the ResAtt form (masked softmax over a direct base) is the study's (RESULTS.md).
   model.head_options = ml_collections.ConfigDict(dict(
       coarse_weight=1.0, hierarchy_loss_weight=1.0, resatt_base="direct", resatt_attention="softmax",
-      resatt_input_dependent=False, resatt_masked=False, resatt_dim=64, resatt_lambda_init=1.0))
+      resatt_input_dependent=False, resatt_masked=True, resatt_dim=64, resatt_lambda_init=1.0))
   model.hierarchy_file = ""  # coarse → fine JSON/YAML; empty: the dataset's own (hierarchical sets)
   model.head_dropout = 0.5
   model.features = ml_collections.ConfigDict(dict(

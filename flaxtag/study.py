@@ -24,7 +24,14 @@ from flaxtag import cli, train  # pylint: disable=g-import-not-at-top,wrong-impo
 from flaxtag import eval as evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flaxtag.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_RESATT = "model.head_options.resatt_"
+
+def _resatt(**changes) -> dict:
+  """A ResAtt variant: one change from the direct-base, softmax, unmasked, input-independent form, spelt out in full
+  so that a variant's meaning does not move with the library's defaults."""
+  form = {"base": "direct", "attention": "softmax", "masked": False, "input_dependent": False, **changes}
+  return {"model.head": "resatt", **{f"model.head_options.resatt_{k}": v for k, v in form.items()}}
+
+
 # Heads on the study's Spec+Att backbone. ResAtt's form is a config choice (SPEC §5); these are the variants measured.
 HEAD_VARIANTS = {
     "flat": {"model.head": "flat"},
@@ -32,11 +39,11 @@ HEAD_VARIANTS = {
     "multitask_hloss": {"model.head": "multitask_hloss"},
     "top_down": {"model.head": "top_down"},
     "gmp": {"model.head": "gmp"},
-    "resatt": {"model.head": "resatt"},  # direct base, softmax over fine tags
-    "resatt_sigmoid": {"model.head": "resatt", _RESATT + "attention": "sigmoid"},
-    "resatt_masked": {"model.head": "resatt", _RESATT + "masked": True},
-    "resatt_input_dependent": {"model.head": "resatt", _RESATT + "input_dependent": True},
-    "resatt_gmp_base": {"model.head": "resatt", _RESATT + "base": "gmp"},
+    "resatt": _resatt(),
+    "resatt_sigmoid": _resatt(attention="sigmoid"),
+    "resatt_masked": _resatt(masked=True),
+    "resatt_input_dependent": _resatt(input_dependent=True),
+    "resatt_gmp_base": _resatt(base="gmp"),
 }
 # The four models of method A with the GMP head, the same budget. Spec+Att is the `gmp` head variant.
 MODEL_VARIANTS = {

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from configs import demo
+from configs import base, demo
 from data_prep.synth_instruments import render
 from flaxtag import optim
 from flaxtag.hierarchy import Hierarchy
@@ -29,3 +29,7 @@ def test_demo_learning_rate_decays_to_zero_at_the_last_epoch_of_any_length():
   config.train.num_epochs = 20
   steps = optim.in_steps(config.optim, steps_per_epoch=125)
   assert (steps.adam_warmup_steps, steps.adam_decay_steps) == (62, 2500)
+
+
+def test_base_config_head_options_are_the_library_defaults():
+  assert heads.HeadOptions.from_dict(base.get_config().model.head_options) == heads.HeadOptions()

@@ -15,14 +15,14 @@ HIER = Hierarchy.from_mapping({"a": ["f0", "f3"], "b": ["f1", "f4", "f5"], "c": 
 D, F, C, B = 5, 6, 3, 4
 
 RESATT_VARIANTS = [
-    dict(),
+    dict(),  # the default: direct base, masked softmax, input-independent
+    dict(resatt_masked=False),
+    dict(resatt_attention="sigmoid", resatt_masked=False),
     dict(resatt_attention="sigmoid"),
-    dict(resatt_masked=True),
-    dict(resatt_masked=True, resatt_attention="sigmoid"),
-    dict(resatt_input_dependent=True),
-    dict(resatt_input_dependent=True, resatt_attention="sigmoid", resatt_masked=True),
-    dict(resatt_base="gmp"),
-    dict(resatt_base="gmp", resatt_input_dependent=True, resatt_masked=True),
+    dict(resatt_input_dependent=True, resatt_masked=False),
+    dict(resatt_input_dependent=True, resatt_attention="sigmoid"),
+    dict(resatt_base="gmp", resatt_masked=False),
+    dict(resatt_base="gmp", resatt_input_dependent=True),
 ]
 # Every head, and every ResAtt variant, as (name, options).
 ALL_HEADS = [(name, heads.HeadOptions()) for name in heads.HEAD_NAMES] + [

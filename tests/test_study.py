@@ -28,6 +28,14 @@ def test_every_variant_is_a_valid_model_with_its_overrides(variant):
   assert model.head in heads.HEAD_NAMES
 
 
+def test_resatt_variants_are_distinct_and_the_default_is_one_of_them():
+  base = study_config.get_config()
+  options = {v: heads.HeadOptions.from_dict(study.variant_config(base, v, 0).model.head_options)
+             for v in study.HEAD_VARIANTS if v.startswith("resatt")}
+  assert len(set(options.values())) == len(options) == 5
+  assert options["resatt_masked"] == heads.HeadOptions()  # the measured choice of RESULTS.md
+
+
 def test_unknown_variant_is_a_config_error():
   with pytest.raises(ConfigError, match="resatt_sigmoid"):
     study.variant_config(study_config.get_config(), "resatt_sigmod", 0)
