@@ -72,9 +72,11 @@ class HeadOptions:
   resatt_input_dependent: shift the queries and the keys by linear projections of h, making A per example. A key
     shift shared by all fine tags changes nothing in a softmax row, so with 'softmax' only the query shift matters.
   resatt_masked: restrict A to each coarse tag's own children (masked softmax, or sigmoid times M).
-  The defaults (direct base, masked softmax, input-independent) are the form the heads study chose (RESULTS.md).
   resatt_dim: d, the width of queries and keys.
   resatt_lambda_init: initial value of the learned residual scale λ.
+
+  The ResAtt defaults (direct base, masked softmax, input-independent) are the form the heads study chose
+  (RESULTS.md).
   """
   coarse_weight: float = 1.0
   hierarchy_loss_weight: float = 1.0
