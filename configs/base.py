@@ -50,9 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = optim.recipe_config()  # Adam 1e-4 → SGD (Nesterov 0.9, wd 1e-4) 1e-3 at epoch 60, ×0.1 at 80, 100
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.model = 1  # devices per model replica (the second mesh axis); data parallelism uses the rest
-
   config.half_precision = False  # bfloat16 compute on GPU/TPU; parameters stay float32
   config.seed = 0
   return config

@@ -3,6 +3,10 @@
 Layout: `WORKDIR/checkpoints/<step>/{model, config, metadata, ...}`. The config (the single description of the
 run) and metadata (tag names, hierarchy, provenance) travel with every checkpoint, so `eval`, `tag` and `explain`
 need only the workdir. Items are separate so that inference restores the model variables without the optimizer.
+
+Checkpoints do not depend on the topology that wrote them: every restore names its target shardings, built from
+the reading program's own devices (`restore_targets`), so a run saved on 8 devices or 2 processes restores on 1
+device, 4, or another number of processes. Orbax would otherwise reuse the saved device layout and refuse it.
 """
 import json
 import os
@@ -11,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flaxtag.errors import CheckpointError
 
@@ -82,19 +87,58 @@ def _step_metrics(manager, step):
     return None
 
 
+def restore_targets(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Shape/dtype structs of `abstract_tree` placed on `sharding`: what a restore builds, whatever wrote it."""
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, items: dict[str, ocp.args.CheckpointArgs]) -> dict:
+  """Restores the named items of a step. A missing or unreadable item is one CheckpointError naming the step's
+  directory, never an orbax traceback."""
+  step_dir = _require_items(manager, step, items)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # orbax/tensorstore raise many types for one cause: the files are not what they should be
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{step_dir} could not be read ({type(e).__name__}: {reason}). Use another step "
+                          "(--checkpoint STEP) or start a new workdir.") from e
+
+
+def _require_items(manager: ocp.CheckpointManager, step: int, names) -> epath.Path:
+  step_dir = epath.Path(manager.directory) / str(step)
+  missing = [name for name in names if not (step_dir / name).exists()]
+  if missing:
+    raise CheckpointError(
+        f"{step_dir} has no {' and no '.join(missing)} item: it was not written by a flaxtag run that can be read "
+        f"this way (e.g. `convert` writes no optimizer state). Use another step or start a new workdir.")
+  return step_dir
+
+
 def load_config(manager: ocp.CheckpointManager, step: int) -> tuple[ml_collections.ConfigDict, dict]:
   """The config and metadata saved with a step."""
-  restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore(),
-                                                              METADATA: ocp.args.JsonRestore()}))
+  restored = restore(manager, step, {CONFIG: ocp.args.JsonRestore(), METADATA: ocp.args.JsonRestore()})
   return ml_collections.ConfigDict(restored[CONFIG]), dict(restored[METADATA])
 
 
-def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables: Any):
-  """Restores model variables, first checking every array against the model's shapes (a clear error if not)."""
-  stored = manager.item_metadata(step)[MODEL]
-  check_tree_fits(stored, abstract_variables, f"checkpoint {manager.directory}/{step}")
-  restored = manager.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(abstract_variables)}))
-  return restored[MODEL]
+def item_shapes(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+  """The tree of array metadata (shapes) an item of a step holds, read without restoring it."""
+  _require_items(manager, step, [item])
+  try:
+    return manager.item_metadata(step)[item]
+  except Exception as e:  # as in `restore`
+    raise CheckpointError(f"{epath.Path(manager.directory) / str(step) / item} could not be read "
+                          f"({type(e).__name__}: {e}).") from e
+
+
+def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables: Any,
+                      sharding: jax.sharding.Sharding | None = None):
+  """Restores model variables onto `sharding` (default: this process's first device), first checking every array
+  against the model's shapes (a clear error if not)."""
+  check_tree_fits(item_shapes(manager, step, MODEL), abstract_variables,
+                  f"checkpoint {manager.directory}/{step}")
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return restore(manager, step, {MODEL: ocp.args.StandardRestore(restore_targets(abstract_variables, sharding))}
+                 )[MODEL]
 
 
 def check_tree_fits(stored: Any, expected: Any, where: str):

@@ -1,9 +1,12 @@
 """Device mesh, batch sharding and multi-host start-up: the one place that knows about devices and hosts.
 
-The mesh has a `data` axis over which batches are split, and a `model` axis (size 1 unless configured) left for
-model/FSDP sharding. Parameters are replicated. The train and eval steps only see global arrays and shardings.
+Data parallelism only: the mesh has one `data` axis over which batches are split, and parameters, BatchNorm
+statistics and the optimizer state are replicated. flaxtag's models have 0.3–7 M parameters (a few tens of MB with
+Adam's moments), so splitting them over devices would add communication and save no memory worth having.
+The train and eval steps only see global arrays and shardings.
 """
 import os
+from collections.abc import Mapping
 
 import jax
 from jax.experimental import mesh_utils
@@ -13,29 +16,41 @@ import numpy as np
 from flaxtag.errors import ConfigError
 
 DATA_AXIS = "data"
-MODEL_AXIS = "model"
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1):
-  """Joins a multi-process run. With no arguments, JAX auto-detects SLURM, TPU pod and GKE clusters; on one
-  machine give the coordinator (e.g. 127.0.0.1:1234), the number of processes and this one's id."""
+  """Joins a multi-process run. With no arguments, JAX auto-detects SLURM and Cloud TPU pods; on one machine give
+  the coordinator (e.g. 127.0.0.1:1234), the number of processes and this one's id."""
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _in_cluster():
+  elif in_slurm_job(os.environ):
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+  elif "TPU_WORKER_HOSTNAMES" in os.environ:
     jax.distributed.initialize()
 
 
-def _in_cluster() -> bool:
-  return ("SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1) or "TPU_WORKER_HOSTNAMES" in os.environ
+def in_slurm_job(environ: Mapping[str, str]) -> bool:
+  """Inside an `srun` step of more than one task (one task alone needs no coordination)."""
+  return int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ
 
 
-def make_mesh(model_axis_size: int = 1, devices=None) -> Mesh:
-  """A (data, model) mesh over `devices` (default: every device of every process)."""
+def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
+  """The GPUs a SLURM task's process should use.
+
+  JAX's own SLURM detection gives each process only the GPU numbered SLURM_LOCALID, which assumes one task per GPU
+  with every GPU of the node visible (`--ntasks-per-node=G --gpus-per-node=G`): None keeps that. With
+  `--gpus-per-task=K` SLURM makes only the task's own K GPUs visible, renumbered from 0, so SLURM_LOCALID may name
+  a GPU the task cannot see: the process takes all K.
+  """
+  if "SLURM_GPUS_PER_TASK" in environ and environ.get("CUDA_VISIBLE_DEVICES"):
+    return list(range(len(environ["CUDA_VISIBLE_DEVICES"].split(","))))
+  return None
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis (`data`) mesh over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
-  if model_axis_size < 1 or len(devices) % model_axis_size:
-    raise ConfigError(f"mesh.model={model_axis_size} must divide the {len(devices)} devices.")
-  shape = (len(devices) // model_axis_size, model_axis_size)
-  return Mesh(mesh_utils.create_device_mesh(shape, devices), (DATA_AXIS, MODEL_AXIS))
+  return Mesh(mesh_utils.create_device_mesh((len(devices),), devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -4,9 +4,10 @@
 
 Every epoch ends with a 16-crop validation and a checkpoint (model, optimizer state, data-iterator state, config,
 metadata); the latest `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
-same command resumes from the latest checkpoint and continues exactly as an uninterrupted run would. SIGTERM (a
-preemption) saves a checkpoint at the current step and exits. When the optimizer switches (Adam → SGD) or the SGD
-learning rate drops, training continues from the best parameters so far (SPEC §4).
+same command resumes from the latest checkpoint, on any number of devices and processes, and continues exactly as
+an uninterrupted run would; log records after the restored step are dropped first. SIGTERM (a preemption) to any
+process makes every process save the same step and exit with status 0. When the optimizer switches (Adam → SGD) or
+the SGD learning rate drops, training continues from the best parameters so far (SPEC §4).
 """
 import dataclasses
 import math
@@ -17,7 +18,6 @@ import time
 from absl import flags
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -73,7 +73,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     raise ConfigError(f"model.num_tags={config.model.num_tags} but {config.data.name} has {info.num_tags} tags; "
                       f"set --config.model.num_tags={info.num_tags}.")
   model = tagger.build_model(config.model, hierarchy, config.half_precision)
-  mesh = sharding.make_mesh(config.mesh.model)
+  mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch_size(config.train.batch_size, mesh)
   sharding.check_global_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
   for key in ("num_epochs", "eval_every_epochs"):
@@ -108,15 +108,18 @@ def _save(manager, run: Run, state: TrainState, data_iterator, metrics=None):
 
 
 def _restore(manager, step: int, state: TrainState, data_iterator) -> TrainState:
+  """The state saved at `step`, restored onto the shardings of `state` (this run's mesh, whatever wrote it)."""
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
+  where = f"checkpoint {manager.directory}/{step}"
+  checkpoint.check_tree_fits(checkpoint.item_shapes(manager, step, checkpoint.MODEL), abstract.variables, where)
+  restored = checkpoint.restore(manager, step, {
       checkpoint.MODEL: ocp.args.StandardRestore(abstract.variables),
       OPTIMIZER: ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
-      DATA_ITERATOR: ocp.args.JsonRestore()}))
+      DATA_ITERATOR: ocp.args.JsonRestore()})
   data_iterator.set_state(restored[DATA_ITERATOR])
   variables = restored[checkpoint.MODEL]
-  return TrainState(step=restored[OPTIMIZER]["step"], params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=restored[OPTIMIZER]["opt_state"])
+  return state.replace(step=restored[OPTIMIZER]["step"], params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state=restored[OPTIMIZER]["opt_state"])
 
 
 def _reload_best(manager, state: TrainState) -> TrainState:
@@ -124,10 +127,39 @@ def _reload_best(manager, state: TrainState) -> TrainState:
   manager.wait_until_finished()
   best = checkpoint.resolve_step(manager, "best")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state.variables)
-  variables = manager.restore(best, args=ocp.args.Composite(
-      **{checkpoint.MODEL: ocp.args.StandardRestore(abstract)}))[checkpoint.MODEL]
+  variables = checkpoint.restore(manager, best, {checkpoint.MODEL: ocp.args.StandardRestore(abstract)}
+                                 )[checkpoint.MODEL]
   _tell(f"optimizer stage changes after step {int(state.step)}: continuing from the best checkpoint, step {best}")
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+class StopRequests:
+  """Whether a stop (SIGTERM: preemption, `scancel`, `scontrol requeue`) was requested, answered with the same
+  step in every process.
+
+  Several processes use JAX's preemption sync point (through orbax's `reached_preemption`): SIGTERM to any of them,
+  at any moment, makes all of them answer True at one agreed step, so they save that step together. JAX installs
+  its own SIGTERM handler for this under `jax.distributed`; a Python handler would replace it, so only a process
+  alone installs one.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._requested = False
+    self._alone = jax.process_count() == 1
+    if self._alone:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._request)
+
+  def _request(self, *_):
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """Call after every step, in every process."""
+    return self._requested if self._alone else self._manager.reached_preemption(step)
+
+  def close(self):
+    if self._alone:
+      signal.signal(signal.SIGTERM, self._previous_handler)
 
 
 def stage_changed_in_epoch(optim_config, step: int, steps_per_epoch: int, switch_count: int) -> bool:
@@ -162,11 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = _manager(workdir, config)
   if manager.latest_step() is not None:
     state = _restore(manager, manager.latest_step(), state, data_iterator)
-    _tell(f"resuming {workdir} from step {int(state.step)}")
-  writer = MetricWriter(workdir)
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    _tell(f"resuming {workdir} from step {int(state.step)} on {jax.device_count()} devices, "
+          f"{jax.process_count()} process(es)")
   step = int(state.step)
+  writer = MetricWriter(workdir, resume_step=step)
+  stop = StopRequests(manager)
   scalars = {}
   try:
     if step and step % run.steps_per_epoch == 0 and step < run.total_steps:
@@ -180,9 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       window_steps += 1
       epoch_end = step % run.steps_per_epoch == 0
-      if step % config.train.log_every_steps == 0 or epoch_end or preempted:
-        metrics = jax.device_get(metrics)
-        _check_finite(metrics, step, workdir, manager)
+      stopping = stop.reached(step)
+      if step % config.train.log_every_steps == 0 or epoch_end or stopping:
+        metrics, first_nonfinite = jax.device_get((metrics, state.first_nonfinite_step))
+        _check_finite(int(first_nonfinite), step, workdir, manager)
         rate = window_steps * config.train.batch_size / (time.perf_counter() - window_start)
         writer.write(step, "train", {**metrics, "examples_per_second": rate})
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
@@ -193,19 +226,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         result = validate(run, predict_step, state)
         scalars = evaluation.headline(result)
         writer.write(step, "valid", {**scalars, "epoch": epoch})
-        bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        if jax.process_index() == 0:
+          bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
-      elif epoch_end or preempted:
+      elif epoch_end or stopping:
         _save(manager, run, state, data_iterator)
-      if preempted:
+      if stopping:
         manager.wait_until_finished()
-        _tell(f"SIGTERM: saved step {step} in {workdir}; rerun the same command to resume.")
+        print(f"process {jax.process_index()}: stop requested (SIGTERM); saved step {step} in {workdir}; rerun the "
+              "same command to resume.", file=sys.stderr, flush=True)
         sys.exit(0)
       if epoch_end and step < run.total_steps:
         state = _maybe_reload(manager, run, state, step)
     bar.close()
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    stop.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
@@ -228,14 +263,16 @@ def _finite_or_none(x):
   return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _check_finite(metrics, step, workdir, manager):
-  if not np.isfinite(metrics["loss"]):
-    manager.wait_until_finished()
-    last = manager.latest_step()
-    raise TrainingDiverged(
-        f"the loss is {metrics['loss']} at step {step}; stopped. The last good checkpoint is "
-        f"{'step ' + str(last) if last is not None else 'none (no epoch finished)'} in {workdir}. Lower the "
-        "learning rate (config.optim.adam_lr) or check the data.")
+def _check_finite(first_nonfinite_step: int, step: int, workdir, manager):
+  """Stops a run whose loss or gradient norm stopped being finite at any step up to `step`."""
+  if first_nonfinite_step < 0:
+    return
+  manager.wait_until_finished()
+  last = manager.latest_step()
+  raise TrainingDiverged(
+      f"the loss or gradient norm is not finite at step {first_nonfinite_step} (noticed at step {step}); stopped. "
+      f"The last good checkpoint is {'step ' + str(last) if last is not None else 'none (no epoch finished)'} in "
+      f"{workdir}. Lower the learning rate (config.optim.adam_lr) or check the data.")
 
 
 def main(argv):

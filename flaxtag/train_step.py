@@ -19,10 +19,14 @@ from flaxtag.models.tagger import MusicTagger, crop_samples
 
 @flax.struct.dataclass
 class TrainState:
+  """step: updates done. first_nonfinite_step: the first step whose loss or gradient norm was not finite, -1 while
+  none was; carried on the device so every step is checked without a host round-trip (never checkpointed: a
+  saved state has been checked)."""
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  first_nonfinite_step: jax.Array
 
   @property
   def variables(self):
@@ -36,7 +40,7 @@ def create_train_state(model: MusicTagger, tx: optax.GradientTransformation, rng
     variables = model.init(rng, jnp.zeros((1, crop_samples(model)), jnp.float32))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
 
@@ -58,9 +62,13 @@ def make_train_step(model: MusicTagger, tx: optax.GradientTransformation, seed: 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state, batch, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    first_nonfinite = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
+                                state.first_nonfinite_step)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           batch_stats=batch_stats, opt_state=opt_state)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+                           batch_stats=batch_stats, opt_state=opt_state, first_nonfinite_step=first_nonfinite)
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm,
                "learning_rate": optim.current_learning_rate(opt_state),
                "optimizer_phase": optim.optimizer_phase(opt_state)}
     return new_state, metrics

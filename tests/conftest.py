@@ -24,3 +24,13 @@ def trained_run(synth_data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   scalars = train.train_and_evaluate(train_runs.run_config(synth_data_dir), str(workdir))
   return workdir, scalars
+
+
+@pytest.fixture(scope="session")
+def sgd_run(synth_data_dir, tmp_path_factory):
+  """The uninterrupted reference of the runs resumed on other topologies: 1 process × 8 devices, SGD, 12 steps."""
+  import train_runs  # pylint: disable=g-import-not-at-top
+  from flaxtag import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("sgd_reference")
+  train.train_and_evaluate(train_runs.run_config(synth_data_dir, **train_runs.SGD), str(workdir))
+  return workdir

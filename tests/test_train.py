@@ -3,42 +3,17 @@
 `trained_run` (conftest) is the uninterrupted reference: 1 process × 8 devices, 3 epochs of 2 steps.
 """
 import os
+import re
 import signal
-import socket
 import subprocess
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from flaxtag import checkpoint, optim, train
-
-
-from train_runs import REPO, records, run_config, train_command
-
-
-def final_variables(workdir):
-  manager = checkpoint.open_manager(workdir, read_only=True)
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(**{checkpoint.MODEL: ocp.args.StandardRestore()}))
-  return step, restored[checkpoint.MODEL]
-
-
-def wait_for(predicate, process, timeout=300):
-  deadline = time.time() + timeout
-  while not predicate():
-    assert process.poll() is None, "the training process ended before the moment to stop it"
-    assert time.time() < deadline, "timed out waiting for the training process"
-    time.sleep(0.2)
-
-
-def assert_same_variables(a, b, **tolerance):
-  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_allclose(x, y, **tolerance)
+from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, free_port, last_logged_step, records,
+                        run_config, train_command)
 
 
 def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
@@ -55,59 +30,67 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
 
 
-def test_preempted_and_killed_run_resumes_to_the_same_parameters(synth_data_dir, trained_run, tmp_path):
-  """SIGTERM mid-epoch saves and exits; a later SIGKILL loses only unsaved steps; the resumed run ends exactly
-  where the uninterrupted one did."""
-  workdir = tmp_path / "interrupted"
-  first = subprocess.Popen(train_command(synth_data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
-  wait_for(lambda: os.path.exists(workdir / "metrics.jsonl") and records(workdir, "train")
-           and records(workdir, "train")[-1]["step"] >= 3, first)
-  first.send_signal(signal.SIGTERM)
-  assert first.wait(timeout=120) == 0, first.stderr.read()
-  last_logged = records(workdir, "train")[-1]["step"]
-  assert checkpoint.open_manager(workdir, read_only=True).latest_step() == last_logged  # saved where it stopped
-
-  second = subprocess.Popen(train_command(synth_data_dir, workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
-  wait_for(lambda: records(workdir, "train")[-1]["step"] >= 5, second)
-  second.kill()
-  second.wait()
-
-  train.train_and_evaluate(run_config(synth_data_dir), str(workdir))
-  step, variables = final_variables(workdir)
-  ref_step, ref_variables = final_variables(trained_run[0])
-  assert step == ref_step == 6
-  assert_same_variables(variables, ref_variables, rtol=1e-6, atol=1e-7)
+def _two_processes(data_dir, workdir, log_dir, **overrides):
+  """Starts a run of 2 processes × 4 devices joined on 127.0.0.1: (processes, their stderr files)."""
+  log_dir.mkdir()
+  port = free_port()
+  processes, logs = [], []
+  for i in range(2):
+    logs.append(log_dir / f"process{i}.log")
+    with open(logs[-1], "w") as log:
+      processes.append(subprocess.Popen(
+          train_command(data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}", **overrides), cwd=REPO, env=devices_env(4), stderr=log, text=True))
+  return processes, logs
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_of_four_devices_match_one_process_of_eight(synth_data_dir, trained_run, tmp_path):
-  workdir = tmp_path / "multiprocess"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  port = _free_port()
-  processes = [
-      subprocess.Popen(train_command(synth_data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}",
-                                     "--num_processes=2", f"--process_id={i}"),
-                       cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for p in processes:
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-  ref = records(trained_run[0], "valid")
-  got = records(workdir, "valid")
+def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data_dir, sgd_run, tmp_path):
+  """2 processes × 4 devices: SIGTERM to one process only, or to both at different moments, makes both save the
+  same step and exit with status 0; resuming after each stop ends where an uninterrupted run (1 × 8) does."""
+  workdir = tmp_path / "stopped"
+  stops = [[1], [0], [1, 0]]  # which processes get SIGTERM, one step apart
+  saved_steps, exit_seconds = [], []
+  for n, signalled in enumerate(stops):
+    before = records(workdir, "train")[-1]["step"] if saved_steps else 0
+    processes, logs = _two_processes(synth_data_dir, workdir, tmp_path / f"stop{n}", **SGD)
+    for k, i in enumerate(signalled):
+      # The next signal goes one step after the last, unless the run has already stopped.
+      deadline = time.time() + 300
+      while last_logged_step(workdir) <= before + k and all(p.poll() is None for p in processes):
+        assert time.time() < deadline, "timed out waiting for a training step"
+        time.sleep(0.1)
+      processes[i].send_signal(signal.SIGTERM)
+    started = time.time()
+    for p, log in zip(processes, logs):
+      assert p.wait(timeout=120) == 0, log.read_text()[-3000:]
+    exit_seconds.append(time.time() - started)
+    steps = [re.findall(r"saved step (\d+)", log.read_text()) for log in logs]
+    assert all(len(s) == 1 for s in steps) and steps[0] == steps[1], steps  # both processes saved the same step
+    saved_steps.append(int(steps[0][0]))
+    assert checkpoint.open_manager(workdir, read_only=True).latest_step() == saved_steps[-1]
+  print(f"stops saved steps {saved_steps}, both processes exited {exit_seconds} s after the last signal")
+  assert saved_steps == sorted(saved_steps) and saved_steps[-1] < SGD_STEPS, saved_steps
+  processes, logs = _two_processes(synth_data_dir, workdir, tmp_path / "final", **SGD)
+  for p, log in zip(processes, logs):
+    assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
+  assert_same_model(workdir, sgd_run)
+  assert [r["step"] for r in records(workdir, "train")] == list(range(1, SGD_STEPS + 1))
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in records(workdir, "train")],
+                               [r[key] for r in records(sgd_run, "train")], rtol=1e-5)
   for key in ("roc_auc", "pr_auc", "coarse_roc_auc", "violation_rate"):
-    np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose([r["loss"] for r in records(workdir, "train")],
-                             [r["loss"] for r in records(trained_run[0], "train")], rtol=1e-5)
+    np.testing.assert_allclose([r[key] for r in records(workdir, "valid")],
+                               [r[key] for r in records(sgd_run, "valid")], rtol=1e-5, atol=1e-6)
 
 
 def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(synth_data_dir, tmp_path):
   config = run_config(synth_data_dir, **{"optim.adam_lr": 1e8, "train.num_epochs": 2})
-  with pytest.raises(train.TrainingDiverged, match=r"at step \d+; stopped. The last good checkpoint is"):
+  with pytest.raises(train.TrainingDiverged, match=r"not finite at step (\d+) \(noticed at step \d+\); stopped. "
+                     r"The last good checkpoint is") as error:
     train.train_and_evaluate(config, str(tmp_path))
+  first_bad = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+  latest = checkpoint.open_manager(tmp_path, read_only=True).latest_step()
+  assert latest is None or latest < first_bad  # nothing after the first bad step was saved
 
 
 def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):

@@ -91,3 +91,17 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
   from flaxtag.errors import ConfigError
   with pytest.raises(ConfigError, match="train.batch_size=12 must be divisible by the 8 data-parallel devices"):
     sharding.check_global_batch_size(12, sharding.make_mesh())
+
+
+def test_the_first_non_finite_step_is_carried_in_the_state():
+  """Every step is checked on the device: the first step with a non-finite loss stays recorded, whatever follows."""
+  model = tiny_model("raw", "cnn_l")
+  mesh = sharding.make_mesh()
+  tx = optim.make_optimizer(sgd_config())
+  state = create_train_state(model, tx, jax.random.key(0), mesh)
+  train_step = make_train_step(model, tx, 0, mesh)
+  good, bad = random_batch(model), random_batch(model, seed=1)
+  bad["audio"][3, 100] = np.nan
+  for step, batch in enumerate([good, good, bad, good, bad], start=1):
+    state, _ = train_step(state, sharding.global_batch(batch, mesh))
+    assert int(state.first_nonfinite_step) == (-1 if step < 3 else 3)
