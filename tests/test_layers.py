@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flaxtag import audio
+from flaxtag.errors import ConfigError
 from flaxtag.models import frontends, layers
 
 
@@ -53,7 +54,7 @@ class PlainTimbreConv(nn.Module):
     height, width = self.kernel_size
     y = nn.Conv(self.features, (height, width), padding=((0, 0), (width // 2, width // 2)), name="conv")(
         spec[..., None])
-    y = nn.relu(layers.batch_norm(train, jnp.float32, name="bn")(y))
+    y = nn.relu(layers.BatchNorm(name="bn")(y, train))
     return jnp.max(y, axis=1)  # (B, T, c)
 
 
@@ -65,7 +66,7 @@ class PlainSpecFrontEnd(nn.Module):
 
   @nn.compact
   def __call__(self, spec, train):
-    spec = layers.batch_norm(train, jnp.float32, name="input_bn")(spec[..., None])[..., 0]
+    spec = layers.BatchNorm(name="input_bn")(spec[..., None], train)[..., 0]
     c, n_mels = self.conv_channels, self.mel.n_mels
     branches = [PlainTimbreConv(c * mult, (int(share * n_mels), width), name=f"timbre_{i}")(spec, train)
                 for i, (share, width, mult) in enumerate(frontends.TIMBRE_BRANCHES)]
@@ -139,3 +140,11 @@ def test_spec_frontend_training_equals_the_plain_computation(spec_frontend_case)
   for got, want in ((fast_stats, plain_stats), (fast_grads, plain_grads)):
     got = _plain_variables({"tree": got})["tree"]
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-4), got, want)
+
+
+def test_batch_norm_refuses_one_value_per_feature_in_training():
+  """PyTorch's running variance takes n / (n - 1) times the batch variance: n = 1 has none (PyTorch refuses it)."""
+  x = jnp.ones((1, 4), jnp.float32)
+  variables = layers.BatchNorm().init(jax.random.key(0), x, train=True)  # initialising updates nothing
+  with pytest.raises(ConfigError, match="more than one value per feature"):
+    layers.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])

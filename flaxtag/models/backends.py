@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtag.errors import AudioError, ConfigError
-from flaxtag.models.layers import ConvBlock, Dropout, batch_norm, max_pool
+from flaxtag.models.layers import BatchNorm, ConvBlock, Dropout, max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ class PonsBackEnd(nn.Module):
     x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_2")(x, train)
     x = jnp.concatenate([jnp.max(x, axis=1), jnp.mean(x, axis=1)], axis=-1)
     x = nn.Dense(self.embed_dim, dtype=self.dtype, name="dense")(x)
-    return nn.relu(batch_norm(train, self.dtype, name="dense_bn")(x))
+    return nn.relu(BatchNorm(self.dtype, name="dense_bn")(x, train))
 
 
 class SampleBackEnd(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 
 from flaxtag import audio
 from flaxtag.errors import AudioError
-from flaxtag.models.layers import BatchNormStats, ConvBlock
+from flaxtag.models.layers import BatchNorm, ConvBlock
 
 # Training crop per front-end (SPEC §1): 256 centred STFT frames, and 10·3^8 samples.
 CROP_SAMPLES = {"spec": 65_280, "raw": 65_610}
@@ -89,14 +89,15 @@ class TimbreConv(nn.Module):
     moments = None
     if train:
       # BN statistics of y = conv·in_mul + offset from per-(t, c) sums of conv and conv² over (batch, position):
-      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`.
+      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`. The
+      # running variance's n / (n - 1) counts conv's elements, as many as y's (batch × frames × positions).
       conv32 = conv.astype(jnp.float32)
       sum1, sum2 = jnp.sum(conv32, axis=(0, 2)), jnp.sum(lax.square(conv32), axis=(0, 2))
       n = batch * positions
       y_sum = in_mul * sum1 + n * offset
       y2_sum = lax.square(in_mul) * sum2 + 2 * in_mul * offset * sum1 + n * lax.square(offset)
       moments = jnp.sum(y_sum, axis=0) / (n * frames), jnp.sum(y2_sum, axis=0) / (n * frames)
-    mean, mul, bn_bias = BatchNormStats(name="bn")(conv, train, moments)
+    mean, mul, bn_bias = BatchNorm(name="bn").statistics(conv, train, moments)
     # relu(BN(y)) is monotonic in conv, increasing where in_mul·mul ≥ 0 and decreasing elsewhere (float rounding
     # keeps it so), so its max over frequency is its value at conv's max, or min: y, BN and ReLU are then computed
     # for positions× fewer elements, each with the same arithmetic as it would have had before the pooling.
@@ -115,8 +116,9 @@ class SpecFrontEnd(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     spec = self.log_mel(x).transpose(0, 2, 1)  # (B, T, mel)
-    # The input BatchNorm (one channel) as (spec - mean)·mul + bias, applied inside the branches (see TimbreConv).
-    mean, mul, bias = BatchNormStats(name="input_bn")(spec.reshape(-1, 1), train)
+    # The input BatchNorm (one channel, n = batch × frames × mel values) as (spec - mean)·mul + bias, applied
+    # inside the branches (see TimbreConv).
+    mean, mul, bias = BatchNorm(name="input_bn").statistics(spec.reshape(-1, 1), train)
     centred = spec - mean
     c, n_mels = self.conv_channels, self.mel.n_mels
     branches = [
