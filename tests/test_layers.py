@@ -1,4 +1,7 @@
-"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics."""
+"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics.
+
+Both formulations of each (`kernels='cpu'`, chosen on the CPU, and `'plain'`, chosen elsewhere) run here on the CPU.
+"""
 from typing import Any
 
 import flax.linen as nn
@@ -18,10 +21,12 @@ from flaxtag.models import frontends, layers
     ((8, 33), 0.25, (0,)),
 ])
 @pytest.mark.parametrize("typed_key", [False, True])
-def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key):
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key, kernels):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape) + 3.0, jnp.float32)  # no zeros in x
   key = jax.random.key(7) if typed_key else jax.random.PRNGKey(7)
-  fast = layers.Dropout(rate, broadcast_dims=broadcast_dims).apply({}, x, deterministic=False, rngs={"dropout": key})
+  fast = layers.Dropout(rate, broadcast_dims=broadcast_dims, kernels=kernels).apply(
+      {}, x, deterministic=False, rngs={"dropout": key})
   plain = nn.Dropout(rate, broadcast_dims=broadcast_dims).apply({}, x, deterministic=False, rngs={"dropout": key})
   np.testing.assert_array_equal(np.asarray(fast), np.asarray(plain))
   assert 0 < np.mean(np.asarray(fast) == 0) < 1
@@ -29,7 +34,8 @@ def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key):
 
 
 @pytest.mark.parametrize("window,length", [(2, 9), (3, 12), (4, 10)])
-def test_max_pool_values_and_gradients_equal_flax(window, length):
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_max_pool_values_and_gradients_equal_flax(window, length, kernels):
   rng = np.random.default_rng(window)
   # Integer values: many ties within a window, where the gradient must go to the first maximum only.
   x = jnp.asarray(rng.integers(0, 3, size=(2, length, 3)), jnp.float32)
@@ -39,7 +45,7 @@ def test_max_pool_values_and_gradients_equal_flax(window, length):
     return lambda v: jnp.sum(pool(v) * cotangent)
 
   plain = lambda v: nn.max_pool(v, (window,), strides=(window,), padding="VALID")
-  fast = lambda v: layers.max_pool(v, window)
+  fast = lambda v: layers.max_pool(v, window, kernels)
   np.testing.assert_array_equal(fast(x), plain(x))
   np.testing.assert_array_equal(jax.grad(pooled(fast))(x), jax.grad(pooled(plain))(x))
 
@@ -89,10 +95,17 @@ def _plain_variables(variables):
   return {collection: move(tree) for collection, tree in variables.items()}
 
 
-@pytest.fixture(scope="module")
-def spec_frontend_case():
+def test_kernels_are_chosen_by_platform():
+  assert layers.cpu_kernels("auto") == (jax.default_backend() == "cpu")
+  assert layers.cpu_kernels("cpu") and not layers.cpu_kernels("plain")
+  with pytest.raises(ConfigError, match="kernels='gpu'"):
+    layers.cpu_kernels("gpu")
+
+
+@pytest.fixture(scope="module", params=["cpu", "plain"])
+def spec_frontend_case(request):
   mel = audio.MelConfig(n_mels=24)
-  fast = frontends.SpecFrontEnd(2, mel, projection_dim=8)
+  fast = frontends.SpecFrontEnd(2, mel, projection_dim=8, kernels=request.param)
   rng = np.random.default_rng(0)
   spec = jnp.asarray(-30 + 12 * rng.normal(size=(3, 24, 20)), jnp.float32)  # log-mel dB-like
   variables = fast.init(jax.random.key(0), spec, train=False)

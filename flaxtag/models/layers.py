@@ -16,6 +16,17 @@ from flaxtag.errors import ConfigError
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
+KERNELS = ("auto", "cpu", "plain")
+
+
+def cpu_kernels(kernels: str) -> bool:
+  """Whether to use the formulations tuned for XLA:CPU: unrolled Threefry dropout masks, the custom-VJP max-pool,
+  the banded timbre convs (BENCHMARKS.md). They give the plain formulations' results; 'auto' takes them on the CPU
+  only, where they were measured faster: they are not known to help on GPU or TPU."""
+  if kernels not in KERNELS:
+    raise ConfigError(f"kernels={kernels!r}: use one of {list(KERNELS)}.")
+  return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
+
 
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis, as the reference's PyTorch BatchNorm computes it (SPEC §2–3).
@@ -101,7 +112,8 @@ def bernoulli(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
 
 
 class Dropout(nn.Dropout):
-  """nn.Dropout with `bernoulli` above: the same masks (same name, same rng stream), drawn faster on CPU."""
+  """nn.Dropout, with `bernoulli` above on the CPU: the same masks (same name, same rng stream), drawn faster."""
+  kernels: str = "auto"  # see `cpu_kernels`
 
   @nn.compact
   def __call__(self, inputs, deterministic: bool | None = None, rng: jax.Array | None = None):
@@ -116,7 +128,8 @@ class Dropout(nn.Dropout):
     shape = list(inputs.shape)
     for dim in self.broadcast_dims:
       shape[dim] = 1
-    mask = jnp.broadcast_to(bernoulli(rng, keep_prob, tuple(shape)), inputs.shape)
+    draw = bernoulli if cpu_kernels(self.kernels) else jax.random.bernoulli
+    mask = jnp.broadcast_to(draw(rng, keep_prob, tuple(shape)), inputs.shape)
     return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
@@ -140,13 +153,15 @@ class ConvBlock(nn.Module):
     return x
 
 
-def max_pool(x, window: int):
+def max_pool(x, window: int, kernels: str = "auto"):
   """nn.max_pool(x, (window,), strides=(window,), padding="VALID") on (B, T, C): same values, same gradient.
 
   XLA:CPU differentiates nn.max_pool with select-and-scatter (index tensors and a scatter), several times slower
-  than this elementwise version, which keeps the index of each window's first maximum (as select-and-scatter
-  picks it) for the backward pass.
+  than the elementwise version used there (see `cpu_kernels`), which keeps the index of each window's first maximum
+  (as select-and-scatter picks it) for the backward pass.
   """
+  if not cpu_kernels(kernels):
+    return nn.max_pool(x, (window,), strides=(window,), padding="VALID")
   length = x.shape[1] // window * window
   return _window_max(x[:, :length], window)
 
