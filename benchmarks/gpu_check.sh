@@ -10,7 +10,7 @@
 #     --batch-sizes 8 --steps 1                           # the same path on the CPU, as tests/test_benchmarks.py does
 #
 # The install needs PyPI (or a wheel cache through PIP_FIND_LINKS): jax[cuda13] if the driver supports CUDA 13
-# (nvidia-smi's "CUDA Version"), else jax[cuda12].
+# (nvidia-smi's "CUDA Version"), else jax[cuda12]. It is skipped when the virtualenv's JAX already runs on the GPU.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,8 +49,11 @@ mkdir -p "$(dirname "$OUT")"
 if [ -z "$PYTHON" ]; then
   PYTHON=$VENV/bin/python
 fi
-if [ "$INSTALL" = 1 ]; then
-  cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1)
+on_gpu() { "$1" -c "import jax; assert jax.default_backend() == 'gpu'" >/dev/null 2>&1; }
+if [ "$INSTALL" = 1 ] && [ -x "$PYTHON" ] && on_gpu "$PYTHON"; then
+  echo "gpu_check: $PYTHON's JAX runs on the GPU already; not installing"
+elif [ "$INSTALL" = 1 ]; then
+  cuda=$( (nvidia-smi 2>/dev/null || true) | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1)
   if [ -z "$cuda" ]; then
     echo "gpu_check: nvidia-smi finds no NVIDIA GPU (or driver); nothing to install for. --skip-install --allow-cpu" \
       "runs the CPU path." >&2
@@ -64,9 +67,8 @@ if [ "$INSTALL" = 1 ]; then
   "$VENV/bin/python" -m pip install -q -e . "jax[$extra]"
 fi
 
-platform=$("$PYTHON" -c "import jax; print(jax.default_backend())")
-if [ "$platform" != gpu ] && [ "$ALLOW_CPU" != 1 ]; then
-  echo "gpu_check: JAX runs on '$platform', not on the GPU; see 'pip list | grep -i jax' in $VENV." >&2
+if ! on_gpu "$PYTHON" && [ "$ALLOW_CPU" != 1 ]; then
+  echo "gpu_check: $PYTHON's JAX does not run on the GPU; see its 'pip list | grep -i jax'." >&2
   exit 1
 fi
 
