@@ -3,14 +3,15 @@
   tagger = flaxtag.Tagger.load("runs/spec_att")
   scores = tagger.tag_waveform(tagger.load_clip("song.mp3"))  # 16 evenly spaced crops, probabilities averaged
   scores.fine, scores.coarse                                  # (num_tags,), (num_coarse,) or None
-  for result in tagger.tag_files(["a.mp3", "b.wav"]):         # crops of many files in fixed-size batches
-    print(result.path, result.error or result.scores.fine)
+  for result in tagger.iter_tag_files(paths):                 # files decoded in threads, a block at a time, as
+    print(result.path, result.error or result.scores.fine)    # their crops are scored in fixed-size batches
   fine, coarse = tagger.predict(batch)                        # (B, samples), or (B, 96, frames) log-mel for Spec
 
 Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
 (`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
 replicated; `Tagger._run` is the one place here that places arrays), with batch sizes rounded up to a multiple of
-the device count.
+the device count. On a CPU, `use_every_cpu_core()` (the tag and explain commands call it) makes those devices one
+per core.
 """
 import dataclasses
 import functools

@@ -141,9 +141,9 @@ def format_table(result: FileResult, tagger: Tagger, top_k: int, timeline: bool)
   return "\n".join(lines) + "\n"
 
 
-def _dumps(value) -> str:
+def _dumps(value, indent: int | None = None) -> str:
   # allow_nan=False: NaN and infinity are not JSON; scores are checked finite, so this raises only on a bug.
-  return json.dumps(value, ensure_ascii=False, allow_nan=False)
+  return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table", top_k: int = 10,
@@ -208,7 +208,7 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
     if lines:
       lines.close()
   if output_format == "json" and not output:
-    out.write(_dumps(entries) + "\n")
+    out.write(_dumps(entries, indent=2) + "\n")
   seconds = time.perf_counter() - started
   summary = f"{len(files) - failed} of {len(files)} file{'s' * (len(files) != 1)} tagged in {seconds:.1f} s"
   if len(files) > 1:
