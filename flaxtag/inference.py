@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from flaxtag import audio, checkpoint, sharding
-from flaxtag.errors import FlaxtagError
+from flaxtag.errors import AudioError, FlaxtagError
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
