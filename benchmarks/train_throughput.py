@@ -1,14 +1,16 @@
-"""Training throughput of method A's four models: samples/s, FLOPs per sample and MFU of the real train step.
+"""Training and inference throughput of method A's four models: samples/s, FLOPs per sample and MFU.
 
-For each model (c=16, 50 tags by default) this builds the recipe's optimizer (`make_optimizer`, Adam phase), the
-jit-compiled `make_train_step` on a 1-device mesh, and times steps on a fixed random batch already on the device
-(the input pipeline is not part of the figure). FLOPs per sample are counted twice:
+For each model (c=16, 50 tags by default), `--mode=train` builds the recipe's optimizer (`make_optimizer`, Adam
+phase) and the jit-compiled `make_train_step`; `--mode=infer` the jit-compiled `make_predict_step` of evaluation
+(eval mode, one crop per clip, so a sample is a crop). Both run on a 1-device mesh and are timed on a fixed random
+batch already on the device (the input pipeline is not part of the figure). FLOPs per sample are counted twice:
 
-- analytic: the model's convolutions, dense layers and attention matmuls (2 FLOPs per multiply-add), forward ×3
-  for forward + backward; elementwise work, the FFT and the optimizer are left out. This is the "model FLOPs" of
-  MFU, independent of how the code computes them.
-- XLA: `cost_analysis()` of the compiled forward + backward (loss and gradients, no optimizer). It counts what
-  the compiled program does, e.g. the zeros of the banded vertical convolutions and elementwise ops.
+- analytic: the model's convolutions, dense layers and attention matmuls (2 FLOPs per multiply-add), the forward's
+  count (×3 for training's forward + backward); elementwise work, the FFT and the optimizer are left out. This is
+  the "model FLOPs" of MFU, independent of how the code computes them.
+- XLA: `cost_analysis()` of the compiled step that is timed (training: forward, backward and the optimizer, whose
+  share is below 0.1 %). It counts what the compiled program does, e.g. the zeros of the banded vertical
+  convolutions and elementwise ops.
 
 MFU = analytic FLOP/s of a step / the FLOP/s of a dense jit-compiled matmul (fp32 2048×2048 on CPU; 8192×8192 on
 GPU, bf16 with --half_precision) measured just before and just after that step, so that load from other processes
@@ -16,8 +18,10 @@ on a shared machine weighs on both alike; the median over the timed steps is rep
 unchanged on CPU and GPU (where an fp32 matmul may run in TF32 under JAX's default precision, and so may the model).
 
   .venv/bin/python benchmarks/train_throughput.py                      # all four models, batch 16, CPU
-  .venv/bin/python benchmarks/train_throughput.py --models=spec_att --steps=10
-  python benchmarks/train_throughput.py --half_precision --batch_size=256   # GPU, bf16 compute
+  .venv/bin/python benchmarks/train_throughput.py --models=spec_att --steps=10 --mode=infer
+  python benchmarks/train_throughput.py --half_precision --batch_size=256 --json=out.json  # GPU, bf16 compute
+
+`benchmarks/gpu_check.sh` runs the whole set on a GPU machine.
 
 Do not run it under tests/conftest.py's 8-device setting: that splits the CPU into 8 devices.
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base  # noqa: E402
 from flaxtag import optim, sharding, train_step  # noqa: E402
-from flaxtag.models import frontends, heads, tagger  # noqa: E402
+from flaxtag.models import frontends, layers, tagger  # noqa: E402
 
 # name → (front-end, back-end), SPEC §2–3.
 MODELS = {"spec_att": ("spec", "attention"), "raw_att": ("raw", "attention"), "spec_cnnp": ("spec", "cnn_p"),
@@ -130,6 +134,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> list[float]:
+  return list(os.getloadavg()) if hasattr(os, "getloadavg") else [float("nan")] * 3
+
+
 def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if isinstance(x, jax.Array) else x, tree)
 
@@ -156,6 +164,16 @@ class MatmulPeak:
     return self.samples[-1]
 
 
+def random_batch(model, batch_size: int, num_tags: int, mode: str, mesh) -> dict:
+  """Training: {'audio': (B, crop), 'labels'}; inference, as evaluation batches them: {'audio': (B, 1, crop)}."""
+  rng = np.random.default_rng(0)
+  audio = (0.1 * rng.standard_normal((batch_size, tagger.crop_samples(model)))).astype(np.float32)
+  if mode == "infer":
+    return sharding.global_batch({"audio": audio[:, None]}, mesh)
+  return sharding.global_batch(
+      {"audio": audio, "labels": (rng.random((batch_size, num_tags)) < 0.1).astype(np.float32)}, mesh)
+
+
 def xla_flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
@@ -166,56 +184,59 @@ def xla_flops(compiled) -> float:
 def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
   config = model_config(name, args.conv_channels, args.num_tags)
   model = tagger.build_model(config, half_precision=args.half_precision)
-  tx = optim.make_optimizer(optim.default_optim_config())
-  state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
-  rng = np.random.default_rng(0)
-  crop = tagger.crop_samples(model)
-  batch = sharding.global_batch({
-      "audio": (0.1 * rng.standard_normal((args.batch_size, crop))).astype(np.float32),
-      "labels": (rng.random((args.batch_size, args.num_tags)) < 0.1).astype(np.float32)}, mesh)
+  batch = random_batch(model, args.batch_size, args.num_tags, args.mode, mesh)
+  if args.mode == "train":
+    tx = optim.make_optimizer(optim.default_optim_config())
+    state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
+    step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
+    analytic_per_sample = 3.0 * analytic_forward_flops(name, config)
+  else:
+    state = jax.device_put(tagger.init_variables(model, jax.random.key(0)), sharding.replicated(mesh))
+    step = train_step.make_predict_step(model, mesh)
+    analytic_per_sample = analytic_forward_flops(name, config)
 
-  # XLA's count of the forward + backward (the loss and its gradients; no optimizer update).
-  def loss(params, batch_stats, audio, labels, key):
-    outputs, _ = model.apply({"params": params, "batch_stats": batch_stats}, audio, train=True,
-                             rngs={"dropout": key}, mutable=["batch_stats"])
-    return heads.loss(model.head, outputs, labels, None, model.hierarchy, model.head_options)[0]
-
-  lowered = jax.jit(jax.value_and_grad(loss)).lower(state.params, state.batch_stats, batch["audio"],
-                                                    batch["labels"], jax.random.key(0))
-  xla_per_sample = xla_flops(lowered.compile()) / args.batch_size
-  analytic_per_sample = 3.0 * analytic_forward_flops(name, config)
-
-  step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
   t = time.perf_counter()
-  state, metrics = block(step(state, batch))
+  compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  for _ in range(args.warmup):
-    state, metrics = block(step(state, batch))
+  xla_per_sample = xla_flops(compiled) / args.batch_size
+
+  def run(state):
+    """The next state (a training step's; the variables, unchanged, in inference) and the step's outputs."""
+    outputs = block(compiled(state, batch))
+    return outputs if args.mode == "train" else (state, outputs)
+
+  for _ in range(1 + args.warmup):
+    state, outputs = run(state)
   times, mfus = [], []
   for _ in range(args.steps):
     before = peak.measure()
     t = time.perf_counter()
-    state, metrics = block(step(state, batch))
+    state, outputs = run(state)
     times.append(time.perf_counter() - t)
     local_peak = (before + peak.measure()) / 2
     mfus.append(analytic_per_sample * args.batch_size / times[-1] / local_peak)
-  if not np.isfinite(float(metrics["loss"])):
-    raise FloatingPointError(f"{name}: non-finite loss {metrics['loss']}")
+  value = outputs["loss"] if args.mode == "train" else outputs["fine_probs"]
+  if not np.all(np.isfinite(np.asarray(value))):
+    raise FloatingPointError(f"{name}: non-finite {'loss' if args.mode == 'train' else 'outputs'}")
   seconds = statistics.median(times)
-  return {
-      "model": name, "batch_size": args.batch_size, "s_per_step": seconds, "s_per_step_min": min(times),
-      "s_per_step_max": max(times), "samples_per_s": args.batch_size / seconds, "compile_s": compile_s,
-      "gflop_per_sample": analytic_per_sample / 1e9, "xla_gflop_per_sample": xla_per_sample / 1e9,
-      "gflop_per_s": analytic_per_sample * args.batch_size / seconds / 1e9,
+  result = {
+      "model": name, "mode": args.mode, "batch_size": args.batch_size, "s_per_step": seconds,
+      "s_per_step_min": min(times), "s_per_step_max": max(times), "samples_per_s": args.batch_size / seconds,
+      "compile_s": compile_s, "gflop_per_sample": analytic_per_sample / 1e9,
+      "xla_gflop_per_sample": xla_per_sample / 1e9, "gflop_per_s": analytic_per_sample * args.batch_size / seconds / 1e9,
       # Median over steps of each step's FLOP/s over the peak measured just before and after it.
       "mfu": statistics.median(mfus), "mfu_min": min(mfus), "mfu_max": max(mfus),
-      "optimizer_phase": int(metrics["optimizer_phase"]),
   }
+  if args.mode == "train":
+    result["optimizer_phase"] = int(outputs["optimizer_phase"])
+  return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+  parser.add_argument("--mode", choices=("train", "infer"), default="train",
+                      help="time the train step, or evaluation's eval-mode predict step")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--steps", type=int, default=7, help="timed steps per model (medians are reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
@@ -224,6 +245,7 @@ def main(argv=None):
   parser.add_argument("--num_tags", type=int, default=50)
   parser.add_argument("--peak_size", type=int, default=0,
                       help="matmul size for the peak; 0: 2048 on CPU, 8192 elsewhere")
+  parser.add_argument("--json", default="", help="also write the results (the last line printed) to this file")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   unknown = sorted(set(names) - set(MODELS))
@@ -235,14 +257,32 @@ def main(argv=None):
   on_cpu = device.platform == "cpu"
   peak_size = args.peak_size or (2048 if on_cpu else 8192)
   peak_dtype = jnp.bfloat16 if args.half_precision else jnp.float32
-  load_before = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  kernels = "cpu" if layers.cpu_kernels("auto") else "plain"
+  load_before = load_average()
   peak = MatmulPeak(peak_size, peak_dtype)
-  results = [benchmark_model(name, args, mesh, peak) for name in names]
+
+  def summary(results) -> str:
+    return json.dumps({
+        "benchmark": "train_throughput", "mode": args.mode, "device": device.device_kind,
+        "platform": device.platform, "host": cpu_model(), "jax": jax.__version__,
+        "half_precision": args.half_precision, "kernels": kernels, "load_average_before": load_before,
+        "load_average": load_average(), "peak_gflop_per_s": statistics.median(peak.samples) / 1e9,
+        "peak_min_gflop_per_s": min(peak.samples) / 1e9, "peak_max_gflop_per_s": max(peak.samples) / 1e9,
+        "peak_size": peak_size, "results": results})
+
+  results = []
+  for name in names:
+    results.append(benchmark_model(name, args, mesh, peak))
+    if args.json:  # after every model, so that a run stopped midway keeps what it measured
+      with open(args.json, "w") as f:
+        f.write(summary(results) + "\n")
   peak_median = statistics.median(peak.samples)
-  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  load = load_average()
   print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
         f"jax {jax.__version__}, "
         f"load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
+  print(f"{'train step' if args.mode == 'train' else 'inference (eval-mode predict step, one crop per sample)'}, "
+        f"{'bf16' if args.half_precision else 'fp32'} compute, {kernels} kernels")
   print(f"{jnp.dtype(peak_dtype).name} {peak_size}x{peak_size} matmul peak, measured around every timed step: "
         f"median {peak_median / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, max {max(peak.samples) / 1e9:.0f})")
   header = (f"{'model':<11} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/sample':>12} {'XLA GFLOP':>9} "
@@ -254,18 +294,13 @@ def main(argv=None):
           f"{r['gflop_per_sample']:>12.2f} {r['xla_gflop_per_sample']:>9.2f} {r['gflop_per_s']:>8.1f} "
           f"{100 * r['mfu']:>5.1f}% ({100 * r['mfu_min']:.0f}-{100 * r['mfu_max']:.0f}%)")
   spec_att = [r for r in results if r["model"] == "spec_att"]
-  if on_cpu and not args.half_precision and spec_att and args.batch_size == 16:
+  if on_cpu and args.mode == "train" and not args.half_precision and spec_att and args.batch_size == 16:
     r = spec_att[0]
     print(f"reference PyTorch Spec+Att, batch 16, this CPU kind: {REFERENCE_SAMPLES_PER_S} samples/s, "
           f"{100 * REFERENCE_MFU:.0f}% MFU (with SPEC's {SPEC_GFLOP_PER_SAMPLE} GFLOP/sample); here "
           f"{r['samples_per_s'] / REFERENCE_SAMPLES_PER_S:.2f}x its samples/s, and "
           f"{100 * r['mfu'] * SPEC_GFLOP_PER_SAMPLE / r['gflop_per_sample']:.1f}% MFU with SPEC's FLOP count")
-  print(json.dumps({
-      "benchmark": "train_throughput", "device": device.device_kind, "platform": device.platform,
-      "host": cpu_model(), "jax": jax.__version__,
-      "half_precision": args.half_precision, "load_average_before": load_before[:3], "load_average": load[:3],
-      "peak_gflop_per_s": peak_median / 1e9, "peak_min_gflop_per_s": min(peak.samples) / 1e9,
-      "peak_max_gflop_per_s": max(peak.samples) / 1e9, "peak_size": peak_size, "results": results}))
+  print(summary(results))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ A build (`Builder.prepare`) turns a manual dir into array_record files through t
 Examples come from a list of `Item`s, one per clip, turned into tfds examples by a builder-specific function that
 runs in this process, in a pool of worker processes, or on Apache Beam workers. An item whose audio cannot be used
 is skipped and recorded, never fatal; a missing manual file is fatal at once (`DatasetError`).
+
+A build reads nothing outside its manual dir: every audio path taken from a metadata file or path map goes through
+`resolve_path_inside` and every archive's member names through `index_archive_members`; what they refuse is skipped
+and recorded like unusable audio.
 """
 import contextlib
 import functools
@@ -16,6 +20,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
@@ -32,6 +37,7 @@ from flaxtag.input_pipeline import BUILD_SUMMARY_FILE, SKIPPED_FILES_FILE
 LABEL_DTYPE = np.uint8
 # More missing audio files than this share of a split means a wrong layout, not a few lost files.
 MAX_MISSING_FRACTION = 0.01
+MISSING = "missing: not in the manual dir"  # the reason recorded for an audio file that is not there
 
 
 def audio_feature() -> tfds.features.Tensor:
@@ -65,6 +71,51 @@ def require_manual_files(manual_dir: Optional[epath.PathLike], names: Sequence[s
   if missing:
     raise DatasetError(f"{dataset}: missing in the manual dir {root}: {', '.join(missing)}.\n{how_to_get}")
   return root
+
+
+class PathOutsideRootError(DatasetError):
+  """A path taken from a metadata file leads outside the directory it must stay in."""
+
+
+def resolve_path_inside(root: epath.PathLike, path: str) -> str:
+  """The real path of `path` (relative to `root`, unless absolute), with '..' and symlinks resolved
+  (os.path.realpath); raises PathOutsideRootError when it does not lie under root's real path.
+
+  Every audio path a builder takes from a metadata file or path map goes through here, so that no entry
+  ('../../x.wav', '/abs/x.wav', a symlink out of the tree) makes a build read outside its manual dir (or the audio
+  root inside it that the layout names). A symlinked root itself is fine: both sides are resolved.
+  """
+  real_root = os.path.realpath(root)
+  real = os.path.realpath(os.path.join(real_root, path))
+  if os.path.commonpath([real_root, real]) != real_root:
+    raise PathOutsideRootError(f"refused: {path!r} resolves to {real}, outside {real_root}")
+  return real
+
+
+def index_archive_members(names: Sequence[str], archive: str,
+                          key: Callable[[str], str] = lambda path: path) -> tuple[dict[str, str], dict[str, str]]:
+  """({key of its path: member name}, {refused member name: reason}) for the file members of an archive.
+
+  A member named by an absolute path or one with a '..' part is refused: it names no file of the archive's own tree
+  and could stand in for one (a member '../../c/b.mp3' read as 'c/b.mp3'). Two members whose paths ('./c/b.mp3' and
+  'c/b.mp3'), or keys of paths, are the same shadow each other: which one is meant cannot be known, so that is a
+  DatasetError naming both. `key` maps a member's normalized path ('c/b.mp3') to what the builder looks it up by.
+  """
+  index, refused = {}, {}
+  for name in names:
+    path = name.replace("\\", "/")  # the separator of some Windows zip tools
+    if path.endswith("/"):
+      continue  # a directory entry
+    parts = path.split("/")
+    if path.startswith("/") or re.match(r"[A-Za-z]:", path) or ".." in parts:
+      refused[name] = "refused archive member: an absolute path or one with '..'"
+      continue
+    path_key = key("/".join(p for p in parts if p not in ("", ".")))
+    if path_key in index:
+      raise DatasetError(f"{archive}: members {index[path_key]!r} and {name!r} both stand for {path_key!r}; which "
+                         "one is meant cannot be known. Remove one of them from the archive.")
+    index[path_key] = name
+  return index, refused
 
 
 def check_missing_audio(missing: Sequence[str], total: int, dataset: str, layout: str) -> None:
@@ -207,15 +258,16 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._beam = beam
     self._pool = None
     self._plan = None
-    self._missing = []  # (source, split) of audio files found missing while planning
+    self._skipped_while_planning = []  # (source, split, reason) of audio files found unusable before decoding
     self.skip_log = SkipLog(epath.Path(self.data_path).parent / f"skipped_parts_{self.version}")
 
   def _split_items(self, manual_dir: Optional[epath.Path]) -> Mapping[str, tuple[Sequence[Item], Callable]]:
     raise NotImplementedError
 
-  def record_missing(self, source: str, split: str) -> None:
-    """Notes, while planning, an audio file that is not there: it is skipped and listed in the manifest."""
-    self._missing.append((source, split))
+  def record_skipped(self, source: str, split: str, reason: str) -> None:
+    """Notes, while planning, an audio file that is not there (reason MISSING) or refused: it is skipped and listed
+    in the manifest."""
+    self._skipped_while_planning.append((source, split, reason))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # tfds's manual dir must exist even for sets that need none: prepare() plans from ours.
@@ -244,12 +296,12 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       summary["reused"] = True
       return summary
     # Every check of the raw data runs before anything is written.
-    self._missing = []
+    self._skipped_while_planning = []
     self._plan = self._split_items(epath.Path(manual_dir) if manual_dir else None)
     remove_partial(path)
     self.skip_log.reset()
-    for source, split in self._missing:
-      self.skip_log.record(source, split, "missing: not in the manual dir")
+    for source, split, reason in self._skipped_while_planning:
+      self.skip_log.record(source, split, reason)
     config = tfds.download.DownloadConfig(**self._beam_config(beam_options))
     start = time.time()
     with uncompressed_array_records(), worker_pool(0 if self._beam else self._num_workers) as pool:

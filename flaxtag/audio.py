@@ -6,10 +6,12 @@ be jitted. Conventions (SPEC §1): periodic Hann window, centred frames with ref
 Slaney (librosa default) or HTK (torchaudio default) mel filterbank, 10·log10 or A's 20·log10 conversion to dB,
 clipped `top_db` below each example's maximum.
 """
+from collections.abc import Iterator
 import dataclasses
 import io
 import os
 from typing import Optional, Union
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,35 +32,117 @@ PathLike = Union[str, os.PathLike]
 # Decoding.
 
 
+# Values at the door: checked on the decoded samples, before downmixing and resampling.
+FULL_SCALE = 32767 / 32768  # the largest int16 sample; a clipped int16 file holds it (or -1), a clipped float file more
+CLIPPING_SHARE = 0.01  # a file with at least this share of samples at full scale is clipped, not merely loud
+DC_OFFSET = 0.1  # a channel mean beyond this (of full scale 1) is an offset; music averages to within ~0.01 of 0
+STREAM_BLOCK_FRAMES = 1 << 16  # frames decoded at a time by `AudioStream` (1.5 s at 44.1 kHz)
+
+_DECODE_ERRORS = (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError)
+
+
+class AudioWarning(UserWarning):
+  """A decoded file's values are suspect (clipped, a DC offset); it is still used."""
+
+
+def _decode_error(name: str, e: Exception) -> AudioError:
+  # libsndfile's own reason is often misleading (e.g. "does not exist" for a corrupt mp3), so it comes last.
+  return AudioError(
+      f"cannot decode audio file {name}: it is corrupt, truncated, or not in a format libsndfile reads "
+      f"(libsndfile says: {str(e).rstrip('.')}). Check the file is complete, or convert it to wav/flac/mp3.")
+
+
+def _empty_error(name: str) -> AudioError:
+  return AudioError(f"audio file {name} is empty (0 frames). Check the file is not truncated.")
+
+
+class SampleCheck:
+  """Running checks of a file's decoded samples, block by block.
+
+  Non-finite samples (NaN, infinity) are an AudioError as soon as they are seen; clipping (at least CLIPPING_SHARE
+  of the samples at FULL_SCALE) and a DC offset (a channel mean beyond DC_OFFSET) are `warnings()` once all blocks
+  are seen.
+  """
+
+  def __init__(self, name: str, rate: int):
+    self.name, self.rate = name, rate
+    self.frames = 0
+    self.clipped = 0
+    self.sums = 0.0
+
+  def update(self, block: np.ndarray):
+    """Checks (frames, channels) samples, the next ones of the file."""
+    if not np.isfinite(block).all():
+      first = (self.frames + int(np.argmin(np.isfinite(block).all(axis=1)))) / self.rate
+      raise AudioError(f"audio file {self.name} holds non-finite samples (NaN or infinity), the first at "
+                       f"{first:.2f} s; it cannot be tagged. Re-export it from its source.")
+    self.clipped += int(np.count_nonzero(np.abs(block) >= FULL_SCALE))
+    # A column at a time: numpy reduces the short rows of a (frames, channels) array 10x slower.
+    self.sums = self.sums + np.array([block[:, c].sum(dtype=np.float64) for c in range(block.shape[1])])
+    self.frames += len(block)
+
+  def warnings(self) -> list[str]:
+    """What is suspect in the samples seen so far, one message each."""
+    found = []
+    if not self.frames:
+      return found
+    channels = np.size(self.sums)
+    share = self.clipped / (self.frames * channels)
+    if share >= CLIPPING_SHARE:
+      found.append(f"audio file {self.name} is clipped: {100 * share:.1f} % of its samples are at full scale; its "
+                   "tags may be unreliable.")
+    offset = float(np.max(np.abs(self.sums))) / self.frames
+    if offset > DC_OFFSET:
+      found.append(f"audio file {self.name} has a DC offset of {offset:.2f} (full scale is 1); its tags may be "
+                   "unreliable. A high-pass filter removes it.")
+    return found
+
+
+def _downmix(data: np.ndarray) -> np.ndarray:
+  """(frames, channels) → (frames,): the mean of the channels, as data.mean(axis=1) gives it, 20x faster (numpy
+  reduces short rows slowly)."""
+  mono = data[:, 0].copy()
+  for c in range(1, data.shape[1]):
+    mono += data[:, c]
+  mono /= data.shape[1]
+  return mono
+
+
 def _decode(source, name: str, sample_rate: int) -> np.ndarray:
   """Decodes `source` (a path or a file object) to mono float32 at `sample_rate`; `name` is used in messages."""
   try:
     data, rate = soundfile.read(source, dtype="float32", always_2d=True)
-  except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as e:
-    # libsndfile's own reason is often misleading (e.g. "does not exist" for a corrupt mp3), so it comes last.
-    raise AudioError(
-        f"cannot decode audio file {name}: it is corrupt, truncated, or not in a format libsndfile reads "
-        f"(libsndfile says: {str(e).rstrip('.')}). Check the file is complete, or convert it to wav/flac/mp3.") from e
+  except _DECODE_ERRORS as e:
+    raise _decode_error(name, e) from e
   if data.shape[0] == 0:
-    raise AudioError(f"audio file {name} is empty (0 frames). Check the file is not truncated.")
-  mono = data.mean(axis=1)
+    raise _empty_error(name)
+  check = SampleCheck(name, rate)
+  check.update(data)
+  for message in check.warnings():
+    warnings.warn(message, AudioWarning, stacklevel=3)
+  mono = _downmix(data)
   if rate != sample_rate:
     mono = soxr.resample(mono, rate, sample_rate, quality="VHQ")
   # Decoders and the resampler can overshoot full scale slightly; int16 storage would clip there anyway.
   return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
 
 
+def _check_is_file(name: str):
+  if not os.path.isfile(name):
+    raise AudioError(f"audio file {name} does not exist (or is not a regular file). Check the path.")
+
+
 def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
   """Reads an audio file (wav, flac, ogg, mp3, ...) as mono float32 in [-1, 1] at `sample_rate`.
 
-  Channels are averaged, then the signal is resampled with soxr when the file's rate differs.
+  Channels are averaged, then the signal is resampled with soxr when the file's rate differs. A clipped file or one
+  with a DC offset is used, with an AudioWarning.
 
   Raises:
-    AudioError: the file does not exist, cannot be decoded, or has no frames.
+    AudioError: the file does not exist, cannot be decoded, has no frames, or holds NaN or infinite samples.
   """
   name = os.fspath(path)
-  if not os.path.isfile(name):
-    raise AudioError(f"audio file {name} does not exist (or is not a regular file). Check the path.")
+  _check_is_file(name)
   return _decode(name, name, sample_rate)
 
 
@@ -68,6 +152,78 @@ def decode_audio_bytes(data: bytes, sample_rate: int = SAMPLE_RATE, name: str = 
   `name` identifies the file in error messages, e.g. "magnatagatune.zip:f/track.mp3".
   """
   return _decode(io.BytesIO(data), name, sample_rate)
+
+
+def resampled_length(frames: int, rate: int, sample_rate: int) -> int:
+  """Samples soxr makes of `frames` at `rate` resampled to `sample_rate`: frames·sample_rate/rate, rounded half up."""
+  return (2 * frames * sample_rate + rate) // (2 * rate)
+
+
+class _SequentialSoundFile(soundfile.SoundFile):
+  """A SoundFile read front to back. soundfile's read() seeks to its own position after every call to keep count,
+  and a seek restarts libsndfile's MP3 decoder: ~1,200 wrong samples after every block. Not seekable, it never
+  seeks."""
+
+  def seekable(self):
+    return False
+
+
+class AudioStream:
+  """An audio file decoded a block at a time: the samples `load_audio` gives, without holding the whole file.
+
+    with AudioStream("set.mp3") as stream:
+      stream.num_samples      # the length at `sample_rate` the file's header announces
+      for block in stream:    # mono float32 blocks at `sample_rate`, in order
+        ...
+      stream.warnings         # once all blocks are read: clipping, DC offset (see SampleCheck)
+
+  soxr's streaming resampler gives exactly its one-shot output. The header's length can be wrong (a truncated MP3):
+  count the samples. Raises AudioError (unreadable, empty, NaN or infinite samples) on opening or while iterating.
+  """
+
+  def __init__(self, path: PathLike, sample_rate: int = SAMPLE_RATE, block_frames: int = STREAM_BLOCK_FRAMES):
+    self.name = os.fspath(path)
+    _check_is_file(self.name)
+    try:
+      self._file = _SequentialSoundFile(self.name)
+    except _DECODE_ERRORS as e:
+      raise _decode_error(self.name, e) from e
+    self.sample_rate = sample_rate
+    self.block_frames = block_frames
+    self.num_samples = resampled_length(self._file.frames, self._file.samplerate, sample_rate)
+    self.warnings: list[str] = []
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    rate = self._file.samplerate
+    check = SampleCheck(self.name, rate)
+    resampler = None
+    if rate != self.sample_rate:
+      resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32", quality="VHQ")
+    while True:
+      try:
+        block = self._file.read(self.block_frames, dtype="float32", always_2d=True)
+      except _DECODE_ERRORS as e:
+        raise _decode_error(self.name, e) from e
+      check.update(block)
+      mono = _downmix(block)
+      if resampler is not None:
+        mono = resampler.resample_chunk(mono, last=not len(block))
+      if len(mono):
+        yield np.clip(mono, -1.0, 1.0)
+      if not len(block):
+        break
+    if not check.frames:
+      raise _empty_error(self.name)
+    self.warnings = check.warnings()
+
+  def close(self):
+    self._file.close()
+
+  def __enter__(self) -> "AudioStream":
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
 
 INT16_SCALE = np.float32(1.0 / 32768.0)  # int16 PCM sample → float in [-1, 1)
@@ -96,15 +252,33 @@ def check_clip(waveform: np.ndarray,
                min_samples: int,
                path: Optional[PathLike] = None,
                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-  """Returns `waveform` if a model can use it; raises AudioError if it is too short or digitally silent."""
-  where = f"audio file {os.fspath(path)}" if path is not None else "audio clip"
+  """Returns `waveform` if a model can use it; raises AudioError if it is too short, not finite or digitally
+  silent."""
   n = np.shape(waveform)[-1]
-  if n < min_samples:
-    raise AudioError(f"{where} is too short: {n / sample_rate:.2f} s ({n} samples at {sample_rate} Hz), but the "
-                     f"model needs at least {min_samples / sample_rate:.2f} s ({min_samples} samples).")
-  if n == 0 or np.max(np.abs(waveform)) < SILENCE_PEAK:
-    raise AudioError(f"{where} is digitally silent (all samples are zero); it cannot be tagged.")
+  check_length(n, min_samples, path, sample_rate)
+  if not np.isfinite(waveform).all():
+    raise AudioError(f"{_where(path)} holds non-finite samples (NaN or infinity); it cannot be tagged.")
+  check_peak(float(np.max(np.abs(waveform))) if n else 0.0, path)
   return waveform
+
+
+def _where(path: Optional[PathLike]) -> str:
+  return f"audio file {os.fspath(path)}" if path is not None else "audio clip"
+
+
+def check_length(num_samples: int, min_samples: int, path: Optional[PathLike] = None,
+                 sample_rate: int = SAMPLE_RATE):
+  """Raises AudioError if a clip of `num_samples` is shorter than `min_samples`."""
+  if num_samples < min_samples:
+    raise AudioError(f"{_where(path)} is too short: {num_samples / sample_rate:.2f} s ({num_samples} samples at "
+                     f"{sample_rate} Hz), but the model needs at least {min_samples / sample_rate:.2f} s "
+                     f"({min_samples} samples).")
+
+
+def check_peak(peak: float, path: Optional[PathLike] = None):
+  """Raises AudioError if a clip whose largest |sample| is `peak` is digitally silent."""
+  if peak < SILENCE_PEAK:
+    raise AudioError(f"{_where(path)} is digitally silent (all samples are zero); it cannot be tagged.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from flaxtag import audio, cli
+from flaxtag import audio, cli, inference
 from flaxtag.errors import FlaxtagError
 from flaxtag.inference import Tagger
 from flaxtag.models import heads
@@ -218,6 +218,7 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m flaxtag.explain FILE --workdir W --out DIR [--tags a,b]")
   f, path = flags.FLAGS, argv[1]
+  inference.use_every_cpu_core()
   tagger = Tagger.load(f.workdir, f.checkpoint)
   refuse_without_attention(tagger, f.workdir)
   explanation = explain(tagger, tagger.load_clip(path), f.tags, f.offset_seconds, f.chunk_size)

@@ -3,19 +3,23 @@
   tagger = flaxtag.Tagger.load("runs/spec_att")
   scores = tagger.tag_waveform(tagger.load_clip("song.mp3"))  # 16 evenly spaced crops, probabilities averaged
   scores.fine, scores.coarse                                  # (num_tags,), (num_coarse,) or None
-  for result in tagger.tag_files(["a.mp3", "b.wav"]):         # crops of many files in fixed-size batches
-    print(result.path, result.error or result.scores.fine)
+  for result in tagger.iter_tag_files(paths):                 # files decoded in threads, a block at a time, as
+    print(result.path, result.error or result.scores.fine)    # their crops are scored in fixed-size batches
   fine, coarse = tagger.predict(batch)                        # (B, samples), or (B, 96, frames) log-mel for Spec
 
 Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
 (`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
 replicated; `Tagger._run` is the one place here that places arrays), with batch sizes rounded up to a multiple of
-the device count.
+the device count. On a CPU, `use_every_cpu_core()` (the tag and explain commands call it) makes those devices one
+per core.
 """
-import collections
 import dataclasses
+import functools
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +27,32 @@ import ml_collections
 import numpy as np
 
 from flaxtag import audio, checkpoint, sharding
-from flaxtag.errors import FlaxtagError
+from flaxtag.errors import AudioError, FlaxtagError
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
 BATCH_SIZE = 16
+# Threads decoding files while the model runs: decoding a 30-s MP3 takes a few per cent of the time the model takes to
+# score its crops, so two keep the model fed whatever the mix of files.
+DECODE_WORKERS = 2
+# Batches of crops that may wait between the decoding threads and the model: the memory bound of `iter_tag_files`.
+QUEUED_BATCHES = 2
 # Shorter clips are refused: a crop would be mostly zero padding, and its tags mostly about the padding.
 MIN_CLIP_SECONDS = 1.0
+
+
+def use_every_cpu_core():
+  """On a CPU, makes JAX start one device per core (unless the process chose a count): call before JAX starts.
+
+  XLA:CPU runs many of one device's ops (softmax, GELU, the front-end's reductions) on one thread; a batch split
+  over one device per core keeps every core busy: 1.5x the crops/s of one device on 2 cores (BENCHMARKS.md).
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))
+  except RuntimeError:
+    pass  # JAX has started already (this is a library call in someone's process): its devices stay as they are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +95,16 @@ class Inspection:
 
 @dataclasses.dataclass(frozen=True)
 class FileResult:
-  """What `tag_files` found for one file: scores, or the reason the file could not be tagged."""
+  """What `tag_files` found for one file: scores, or the reason the file could not be tagged.
+
+  warnings: what is suspect about the file's samples (clipping, a DC offset); it was tagged all the same.
+  index: the file's position in the paths given.
+  """
   path: str
   scores: Scores | None = None
   error: str | None = None
+  warnings: tuple[str, ...] = ()
+  index: int = 0
 
 
 class Tagger:
@@ -301,76 +330,225 @@ class Tagger:
   # Files.
 
   def tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
-                hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> list[FileResult]:
-    """Tags many files; see `iter_tag_files`."""
-    return list(self.iter_tag_files(paths, num_crops, timeline, hop_seconds, batch_size))
+                hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
+                decode_workers: int = DECODE_WORKERS) -> list[FileResult]:
+    """Tags many files; see `iter_tag_files`. The results are in the order of `paths`."""
+    results = self.iter_tag_files(paths, num_crops, timeline, hop_seconds, batch_size, decode_workers)
+    return sorted(results, key=lambda result: result.index)
 
   def iter_tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
-                     hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> Iterator[FileResult]:
-    """Yields a FileResult per file, in the order given, as soon as all its crops are scored.
+                     hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
+                     decode_workers: int = DECODE_WORKERS) -> Iterator[FileResult]:
+    """Yields a FileResult per file as soon as all its crops are scored (not necessarily in the order given: see
+    `FileResult.index`).
 
     Whole-file scores average `num_crops` evenly spaced crops; with `timeline`, every crop `hop_seconds` apart is
-    kept. Crops of consecutive files share batches of exactly `batch_size` rows (rounded up to a multiple of the
-    device count; the last batch zero-padded), so the model compiles once. A file that cannot be used gets its
-    error message, and the others are still tagged.
+    kept. `decode_workers` threads decode files (`audio.AudioStream`, a block at a time) and cut their crops while
+    the model runs; at most QUEUED_BATCHES batches of crops wait between them, so memory stays flat whatever the
+    number and length of the files. Crops of consecutive files share batches of exactly `batch_size` rows (rounded
+    up to a multiple of the device count; the last batch zero-padded), so the model compiles once. A file that
+    cannot be used gets its error message, and the others are still tagged.
     """
     size = self.round_batch(batch_size)
+    crops = queue.Queue(maxsize=QUEUED_BATCHES * size)
+    stop = threading.Event()
+    jobs, jobs_lock = enumerate(paths), threading.Lock()
+    planner = functools.partial(self._plan_offsets, num_crops=num_crops, timeline=timeline, hop_seconds=hop_seconds)
+    workers = [threading.Thread(target=self._decode_files, args=(jobs, jobs_lock, planner, crops, stop), daemon=True)
+               for _ in range(max(1, decode_workers))]
+    for worker in workers:
+      worker.start()
+    files: dict[int, _FileInProgress] = {}
+    rows: list[tuple[_Crop, np.ndarray]] = []
+    running = len(workers)
+    try:
+      while running:
+        item = crops.get()
+        if item is None:
+          running -= 1
+        elif isinstance(item, _Plan):
+          files[item.index] = _FileInProgress(item)  # a second plan (the header's length was wrong) starts afresh
+        elif isinstance(item, _Crop):
+          rows.append((item, item.samples))
+          if len(rows) == size:
+            yield from self._score_rows(rows, size, files, timeline)
+            rows = []
+        elif isinstance(item, _Done):
+          file = files.get(item.index)
+          if file is not None and file.plan.attempt == item.attempt:
+            file.warnings = item.warnings
+            yield from self._finish_if_scored(files, item.index, timeline)
+        elif isinstance(item, _Failed):
+          files.pop(item.index, None)
+          yield FileResult(item.path, error=item.error, index=item.index)
+        else:  # an unexpected exception in a decoding thread
+          raise item
+      if rows:
+        yield from self._score_rows(rows, size, files, timeline)
+    finally:
+      stop.set()
+      for worker in workers:
+        worker.join()
 
-    def clips():
-      for path in paths:
+  def _plan_offsets(self, num_samples: int, num_crops: int, timeline: bool, hop_seconds: float | None) -> np.ndarray:
+    if timeline:
+      return self.timeline_offsets(num_samples, hop_seconds)
+    return self.crop_offsets(num_samples, num_crops)
+
+  def _decode_files(self, jobs, jobs_lock, planner, crops: queue.Queue, stop: threading.Event):
+    """A decoding thread: takes (index, path) jobs and puts their plans, crops and ends on `crops`, then None."""
+
+    def put(item):
+      while not stop.is_set():
         try:
-          waveform = self.load_clip(path)
+          crops.put(item, timeout=0.1)
+          return
+        except queue.Full:
+          pass
+      raise _Stopped()
+
+    try:
+      while not stop.is_set():
+        with jobs_lock:
+          index, path = next(jobs, (None, None))
+        if path is None:
+          break
+        try:
+          self._decode_file(index, os.fspath(path), planner, put)
         except FlaxtagError as e:
-          yield (os.fspath(path), None, 0), e
-          continue
-        if timeline:
-          offsets = self.timeline_offsets(len(waveform), hop_seconds)
-        else:
-          offsets = self.crop_offsets(len(waveform), num_crops)
-        yield (os.fspath(path), offsets, len(waveform)), self.cut_crops(waveform, offsets)
+          put(_Failed(index, os.fspath(path), str(e)))
+      put(None)
+    except _Stopped:
+      pass
+    except Exception as e:  # pylint: disable=broad-except
+      try:
+        put(e)  # raised by the consumer
+      except _Stopped:
+        pass
 
-    def score(rows):
-      return self._run(self._probs_fn, [rows], size)
+  def _decode_file(self, index: int, path: str, planner, put):
+    """Puts a file's plan, its crops one by one, and its end; raises AudioError for a file that cannot be used."""
+    min_samples = int(MIN_CLIP_SECONDS * self.sample_rate)
+    num_samples = None
+    for attempt in range(2):
+      with audio.AudioStream(path, self.sample_rate) as stream:
+        planned = stream.num_samples if num_samples is None else num_samples
+        audio.check_length(planned, min_samples, path, self.sample_rate)
+        offsets = planner(planned)
+        put(_Plan(index, path, attempt, offsets, planned))
+        counted = _Counted(stream)
+        for number, crop in enumerate(self._stream_crops(counted, offsets)):
+          put(_Crop(index, attempt, number, crop))
+        if counted.num_samples == planned:
+          audio.check_peak(counted.peak, path)
+          put(_Done(index, attempt, tuple(stream.warnings)))
+          return
+        num_samples = counted.num_samples  # the header's length was wrong (e.g. a truncated MP3): cut them again
+    raise AudioError(f"audio file {path} decodes to a different length each time it is read; it cannot be tagged.")
 
-    for (path, offsets, num_samples), probs in _batched(clips(), score, size):
-      if isinstance(probs, FlaxtagError):
-        yield FileResult(path, error=str(probs))
-        continue
-      fine = probs[:, :self.model.num_tags]
-      coarse = probs[:, self.model.num_tags:] if self.hierarchy else None
-      yield FileResult(path, self._scores(fine, coarse, offsets, num_samples, average=not timeline))
+  def _stream_crops(self, blocks: Iterable[np.ndarray], offsets: np.ndarray) -> Iterator[np.ndarray]:
+    """`cut_crops` of a waveform given as consecutive blocks, holding at most a crop and a block of it."""
+    crop = self.crop_samples
+    held, held_start = np.zeros(0, np.float32), 0  # samples [held_start, held_start + len(held)) of the waveform
+    i = 0
+    for block in blocks:
+      held = np.concatenate([held, block])
+      while i < len(offsets) and offsets[i] + crop <= held_start + len(held):
+        yield held[offsets[i] - held_start:offsets[i] - held_start + crop].copy()
+        i += 1
+      keep = (offsets[i] if i < len(offsets) else held_start + len(held)) - held_start
+      held, held_start = held[max(keep, 0):], held_start + max(keep, 0)
+    for offset in offsets[i:]:  # crops running past the end: zero-padded
+      piece = held[max(offset - held_start, 0):max(offset - held_start + crop, 0)]
+      yield np.pad(piece, (0, crop - len(piece)))
+
+  def _score_rows(self, rows, size: int, files: dict, timeline: bool) -> Iterator[FileResult]:
+    """Runs one batch of crops and files the probabilities; yields the files that are then complete."""
+    probs = self._run(self._probs_fn, [np.stack([samples for _, samples in rows])], size)
+    touched = set()
+    for (crop, _), p in zip(rows, probs):
+      file = files.get(crop.index)
+      if file is not None and file.plan.attempt == crop.attempt:
+        file.record(crop.number, p)
+        touched.add(crop.index)
+    for index in sorted(touched):
+      yield from self._finish_if_scored(files, index, timeline)
+
+  def _finish_if_scored(self, files: dict, index: int, timeline: bool) -> Iterator[FileResult]:
+    file = files[index]
+    if file.warnings is None or file.num_scored < len(file.plan.offsets):
+      return
+    del files[index]
+    plan = file.plan
+    if not np.isfinite(file.probs).all():
+      yield FileResult(plan.path, error=f"the model's outputs for {plan.path} are not finite (NaN or infinity); "
+                       "check the checkpoint.", warnings=file.warnings, index=index)
+      return
+    fine = file.probs[:, :self.model.num_tags]
+    coarse = file.probs[:, self.model.num_tags:] if self.hierarchy else None
+    scores = self._scores(fine, coarse, plan.offsets, plan.num_samples, average=not timeline)
+    yield FileResult(plan.path, scores, warnings=file.warnings, index=index)
 
 
-def _batched(items, run, batch_size: int):
-  """Scores the rows of a stream of (key, rows or an error) in batches of `batch_size` rows at most, batches
-  crossing item boundaries. Yields (key, scores of its rows, or its error), in order, once all its rows are done."""
-  waiting = collections.deque()
-  pending = []  # rows not yet run
-  num_pending = 0
-  done = None  # scores of rows not yet handed out
+class _Stopped(Exception):
+  """The consumer of a decoding thread's crops is gone."""
 
-  def drain(final: bool):
-    nonlocal pending, num_pending, done
-    while num_pending >= batch_size or (final and num_pending):
-      rows = np.concatenate(pending)
-      scored = run(rows[:batch_size])
-      done = scored if done is None else np.concatenate([done, scored])
-      pending, num_pending = ([rows[batch_size:]] if len(rows) > batch_size else []), max(len(rows) - batch_size, 0)
-    while waiting:
-      key, item = waiting[0]
-      if isinstance(item, Exception):
-        result = item
-      elif done is not None and len(item) <= len(done):
-        result, done = done[:len(item)], done[len(item):]
-      else:
-        return
-      waiting.popleft()
-      yield key, result
 
-  for key, item in items:
-    waiting.append((key, item))
-    if not isinstance(item, Exception):
-      pending.append(item)
-      num_pending += len(item)
-    yield from drain(final=False)
-  yield from drain(final=True)
+class _Plan(NamedTuple):
+  """The crops a file will be cut into (sent again, with attempt 1, if its header announced a wrong length)."""
+  index: int
+  path: str
+  attempt: int
+  offsets: np.ndarray
+  num_samples: int
+
+
+class _Crop(NamedTuple):
+  index: int
+  attempt: int
+  number: int
+  samples: np.ndarray
+
+
+class _Done(NamedTuple):
+  """All crops of the file's attempt are sent."""
+  index: int
+  attempt: int
+  warnings: tuple[str, ...]
+
+
+class _Failed(NamedTuple):
+  index: int
+  path: str
+  error: str
+
+
+class _FileInProgress:
+  """A file some of whose crops are scored."""
+
+  def __init__(self, plan: _Plan):
+    self.plan = plan
+    self.probs = None
+    self.num_scored = 0
+    self.warnings: tuple[str, ...] | None = None  # set once all its crops are sent
+
+  def record(self, number: int, probs: np.ndarray):
+    if self.probs is None:
+      self.probs = np.zeros((len(self.plan.offsets), len(probs)), np.float32)
+    self.probs[number] = probs
+    self.num_scored += 1
+
+
+class _Counted:
+  """Blocks of a waveform passed through, counting its samples and its largest |sample|."""
+
+  def __init__(self, blocks: Iterable[np.ndarray]):
+    self.blocks = blocks
+    self.num_samples = 0
+    self.peak = 0.0
+
+  def __iter__(self):
+    for block in self.blocks:
+      self.num_samples += len(block)
+      self.peak = max(self.peak, float(np.max(np.abs(block))))
+      yield block

@@ -1,14 +1,24 @@
 """Layer table of the model a config describes: output shape and parameters of every module.
 
   python -m flaxtag.summary --config configs/mtat_spec_att.py [--config.model.conv_channels=8] [--depth 2]
+
+A hierarchical head's size depends on the tag hierarchy, taken as training takes it: `model.hierarchy_file`, else
+the dataset's, from its build or, before it is built, from the file data_prep ships with it.
 """
+import os
+
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 
-from flaxtag import cli
-from flaxtag.models import tagger
+from flaxtag import cli, input_pipeline
+from flaxtag.errors import ConfigError, DatasetError
+from flaxtag.hierarchy import Hierarchy, load_hierarchy
+from flaxtag.models import heads, tagger
+
+DATA_PREP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_prep")
 
 
 def _walk(tree, prefix=()):
@@ -20,6 +30,11 @@ def _walk(tree, prefix=()):
       yield (*prefix, key), value
 
 
+def _shapes(output) -> str:
+  """'(1, 256, 512)' for an array; the shapes of every array for a module that returns several."""
+  return ", ".join(str(tuple(leaf.shape)) for leaf in jax.tree.leaves(output))
+
+
 def layer_rows(model: tagger.MusicTagger, depth: int) -> list[tuple[str, str, int]]:
   """(module path, output shape for one crop, parameter count) for modules up to `depth` levels deep."""
   example = jax.ShapeDtypeStruct((1, tagger.crop_samples(model)), jnp.float32)
@@ -29,7 +44,7 @@ def layer_rows(model: tagger.MusicTagger, depth: int) -> list[tuple[str, str, in
   rows = {}  # path → [output shape, parameters]
   for keys, leaf in _walk(state["intermediates"]):
     if keys[-1] == "__call__" and 0 < len(keys) - 1 <= depth and "Dropout" not in keys[-2]:
-      rows.setdefault("/".join(keys[:-1]), [str(tuple(leaf[0].shape if isinstance(leaf, tuple) else leaf.shape)), 0])
+      rows.setdefault("/".join(keys[:-1]), [_shapes(leaf[0]), 0])  # leaf: the outputs of each call
   for keys, leaf in _walk(variables["params"]):
     for d in range(1, min(depth, len(keys) - 1) + 1):
       rows.setdefault("/".join(keys[:d]), ["", 0])[1] += leaf.size
@@ -52,9 +67,28 @@ def summary_text(model: tagger.MusicTagger, depth: int = 2) -> str:
   return "\n".join(lines)
 
 
+def hierarchy_for(config: ml_collections.ConfigDict) -> Hierarchy | None:
+  """The tag hierarchy a hierarchical head of `config` is built with (None for the flat head, which has no
+  coarse parameters)."""
+  if config.model.hierarchy_file:
+    return load_hierarchy(config.model.hierarchy_file)
+  if config.model.head == heads.FLAT:
+    return None
+  try:
+    hierarchy = input_pipeline.dataset_info(config.data.data_dir, config.data.name).hierarchy
+  except DatasetError:
+    shipped = os.path.join(DATA_PREP, config.data.name.split("/")[0], input_pipeline.HIERARCHY_FILE)
+    hierarchy = load_hierarchy(shipped) if os.path.exists(shipped) else None
+  if hierarchy is None:
+    raise ConfigError(f"model.head={config.model.head!r} needs a tag hierarchy and {config.data.name} has none "
+                      "(or is not built); set model.hierarchy_file to a JSON/YAML file mapping coarse → fine tags.")
+  return hierarchy
+
+
 def main(argv):
   del argv
-  print(summary_text(tagger.build_model(flags.FLAGS.config.model), flags.FLAGS.depth))
+  config = flags.FLAGS.config
+  print(summary_text(tagger.build_model(config.model, hierarchy_for(config)), flags.FLAGS.depth))
 
 
 if __name__ == "__main__":

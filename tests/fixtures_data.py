@@ -1,7 +1,9 @@
 """Miniature raw datasets, laid out like the real ones, and a one-call build, for tests of data, training and eval.
 
   make_mtat_tree(root, n_per_folder)   MTAT: annotations_final.csv (188 real tag columns) + MP3s in 0-f or zip parts
+  append_mtat_clip(root, id, path)     MTAT: one more annotation row, its mp3_path as given
   make_msd_tree(root, ...)             MSD: Python-2-protocol pickles + 22.05/44.1 kHz stereo MP3 previews
+  write_msd_path_maps(root, paths)     MSD: the optional 7digital path maps, each track's path as given
   build_dataset(name, manual_dir, data_dir, **flags) -> data_dir
 
 The audio is small (a few seconds at 16 kHz) but tag-dependent (tones keyed to the tags), so that a model can learn
@@ -73,13 +75,15 @@ def _corrupt_bytes(seed: int) -> bytes:
   return np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
 
 
-def make_mtat_tree(root, n_per_folder: int = 4, layout: str = "folders", seconds=(2.5, 6.0)) -> list[Clip]:
+def make_mtat_tree(root, n_per_folder: int = 4, layout: str = "folders", seconds=(2.5, 6.0),
+                   extra_members: Optional[dict[str, bytes]] = None) -> list[Clip]:
   """Writes a miniature MagnaTagATune manual dir under `root`; returns its clips.
 
   Tag counts over the rows are chosen so that the 50 most frequent tags, in order, are SPEC's top 50 (which needs at
   least 51 rows, so n_per_folder >= 4); the last rows have no top-50 tag (they leave the clean config). One empty and
   one corrupt MP3 are included (clips with top-50 tags, in train and test). `layout`: 'folders' (0-f) or
-  'zip_parts' (mp3.zip.001-003, consecutive pieces of one zip archive).
+  'zip_parts' (mp3.zip.001-003, consecutive pieces of one zip archive); `extra_members` (name → bytes) are added to
+  the archive under exactly those names, after the clips.
   """
   from data_prep.mtat import mtat  # pylint: disable=g-import-not-at-top
   if n_per_folder < 4:
@@ -124,7 +128,7 @@ def make_mtat_tree(root, n_per_folder: int = 4, layout: str = "folders", seconds
   elif layout == "zip_parts":
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-      for path, data in files.items():
+      for path, data in {**files, **(extra_members or {})}.items():
         archive.writestr(path, data)
     data = buf.getvalue()
     cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
@@ -134,6 +138,15 @@ def make_mtat_tree(root, n_per_folder: int = 4, layout: str = "folders", seconds
   else:
     raise ValueError(f"unknown layout {layout!r}")
   return clips
+
+
+def append_mtat_clip(root, clip_id: str, mp3_path: str) -> None:
+  """Adds an annotation row for `mp3_path` (as given, not checked), tagged 'guitar' only: the most frequent tag, so
+  the top 50 stay SPEC's and the clip stays in the clean config."""
+  from data_prep.mtat import mtat  # pylint: disable=g-import-not-at-top
+  labels = [int(t == mtat.TOP50[0]) for t in MTAT_TAGS]
+  with open(os.path.join(root, "annotations_final.csv"), "a", newline="") as f:
+    csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL).writerow([clip_id, *map(str, labels), mp3_path])
 
 
 class NotAllowed:
@@ -176,6 +189,14 @@ def make_msd_tree(root, num_train: int = 6, num_valid: int = 2, num_test: int = 
   _dump(os.path.join(root, "filtered_list_test.cP"), as_bytes[num_train + num_valid:])
   _dump(os.path.join(root, "msd_id_to_tag_vector.cP"), {t: v.reshape(50, 1) for t, v in zip(as_bytes, vectors)})
   return clips
+
+
+def write_msd_path_maps(root, paths: dict[str, str]) -> None:
+  """Writes MSD_id_to_7D_id.pkl and 7D_id_to_path.pkl mapping each track id to its path (relative to audio/, as
+  given, not checked) through an invented 7digital id."""
+  seven_digital = {track.encode(): str(1000 + i).encode() for i, track in enumerate(paths)}
+  _dump(os.path.join(root, "MSD_id_to_7D_id.pkl"), seven_digital)
+  _dump(os.path.join(root, "7D_id_to_path.pkl"), {seven_digital[t.encode()]: p.encode() for t, p in paths.items()})
 
 
 def _dump(path: str, obj) -> None:

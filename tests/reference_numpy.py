@@ -3,6 +3,9 @@
 Written from SPEC §2–3 directly on a state_dict ({torch key: array}), with explicit sliding-window convolutions, so
 that comparing it with a converted Flax model checks the conversion (layouts, fused attention weights, banded
 vertical convs) independently of the Flax code. Also makes random state_dicts from the layout file.
+
+`forward(..., batch_stats={})` is PyTorch's training mode for BatchNorm: every BatchNorm normalises with its batch
+mean and biased variance over (batch, positions) and records them, with the count n, under its key prefix.
 """
 import re
 
@@ -59,10 +62,16 @@ def _conv2d(x, w, b, pad_time):  # x (B, 1, F, T), w (Cout, 1, kh, kw); no frequ
   return np.einsum("bcftij,ocij->boft", windows, w, optimize=True) + b[None, :, None, None]
 
 
-def _bn(x, sd, p):  # channels on axis 1
+def _bn(x, sd, p, batch_stats=None):  # channels on axis 1
   shape = (1, -1) + (1,) * (x.ndim - 2)
-  scale = sd[f"{p}.weight"] / np.sqrt(sd[f"{p}.running_var"] + 1e-5)
-  return (x - sd[f"{p}.running_mean"].reshape(shape)) * scale.reshape(shape) + sd[f"{p}.bias"].reshape(shape)
+  if batch_stats is None:
+    mean, var = sd[f"{p}.running_mean"], sd[f"{p}.running_var"]
+  else:
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean, var = x.mean(axes), x.var(axes)
+    batch_stats[p] = (mean, var, x.size // x.shape[1])
+  scale = sd[f"{p}.weight"] / np.sqrt(var + 1e-5)
+  return (x - mean.reshape(shape)) * scale.reshape(shape) + sd[f"{p}.bias"].reshape(shape)
 
 
 def _relu(x):
@@ -84,27 +93,29 @@ def _layer_norm(x, sd, p, eps=1e-12):
   return (x - mean) / np.sqrt(var + eps) * sd[f"{p}.weight"] + sd[f"{p}.bias"]
 
 
-def pons_front_end(spec, sd, conv1x1):  # spec (B, 96, T) log-mel
-  x = _bn(spec[:, None].astype(np.float64), sd, "front_end.input_bn")
+def pons_front_end(spec, sd, conv1x1, batch_stats=None):  # spec (B, 96, T) log-mel
+  x = _bn(spec[:, None].astype(np.float64), sd, "front_end.input_bn", batch_stats)
   outs = []
   for i in range(6):
     w = sd[f"front_end.layers.{i}.conv.weight"]
     y = _conv2d(x, w, sd[f"front_end.layers.{i}.conv.bias"], pad_time=w.shape[-1] // 2)
-    outs.append(_relu(_bn(y, sd, f"front_end.layers.{i}.bn")).max(axis=2))
+    outs.append(_relu(_bn(y, sd, f"front_end.layers.{i}.bn", batch_stats)).max(axis=2))
   envelope = x.mean(axis=2)
   for i in range(6, 10):
     w = sd[f"front_end.layers.{i}.conv.weight"]
     y = _conv1d(envelope, w, sd[f"front_end.layers.{i}.conv.bias"], pad=w.shape[-1] // 2)
-    outs.append(_relu(_bn(y, sd, f"front_end.layers.{i}.bn")))
+    outs.append(_relu(_bn(y, sd, f"front_end.layers.{i}.bn", batch_stats)))
   x = np.concatenate(outs, axis=1)
   if conv1x1:
-    x = _relu(_bn(_conv1d(x, sd["front_end.conv1x1.weight"], sd["front_end.conv1x1.bias"]), sd, "front_end.bn"))
+    x = _conv1d(x, sd["front_end.conv1x1.weight"], sd["front_end.conv1x1.bias"])
+    x = _relu(_bn(x, sd, "front_end.bn", batch_stats))
   return x  # (B, C, T)
 
 
-def lee_front_end(wave, sd, num_blocks, final_pad):
+def lee_front_end(wave, sd, num_blocks, final_pad, batch_stats=None):
   def block(x, p, stride=1, pad=1, pool=1):
-    x = _relu(_bn(_conv1d(x, sd[f"{p}.conv.weight"], sd[f"{p}.conv.bias"], stride, pad), sd, f"{p}.bn"))
+    x = _conv1d(x, sd[f"{p}.conv.weight"], sd[f"{p}.conv.bias"], stride, pad)
+    x = _relu(_bn(x, sd, f"{p}.bn", batch_stats))
     return _maxpool(x, pool) if pool > 1 else x
   x = block(wave[:, None].astype(np.float64), "front_end.init_conv", stride=3)
   for i in range(num_blocks):
@@ -139,25 +150,28 @@ def bert_back_end(x, sd, num_layers=2, heads=8):  # x (B, C, T)
   return np.tanh(_linear(x[:, 0], sd, "back_end.pooler.dense"))
 
 
-def pons_back_end(x, sd):
+def pons_back_end(x, sd, batch_stats=None):
   def conv(x, i):
     y = _conv1d(x, sd[f"back_end.conv{i}.weight"], sd[f"back_end.conv{i}.bias"], pad=3)
-    return _relu(_bn(y, sd, f"back_end.bn{i}"))
+    return _relu(_bn(y, sd, f"back_end.bn{i}", batch_stats))
   x = conv(x, 1)
   x = _maxpool(x + conv(x, 2), 2)
   x = x + conv(x, 3)
   x = np.concatenate([x.max(-1), x.mean(-1)], axis=1)
-  return _relu(_bn(_linear(x, sd, "back_end.dense"), sd, "back_end.bn4"))
+  return _relu(_bn(_linear(x, sd, "back_end.dense"), sd, "back_end.bn4", batch_stats))
 
 
-def forward(architecture: str, sd, x) -> np.ndarray:
-  """Sigmoid tag probabilities of the reference architecture for `x` (log-mel (B, 96, T) or waveform (B, N))."""
+def forward(architecture: str, sd, x, batch_stats: dict | None = None) -> np.ndarray:
+  """Sigmoid tag probabilities of the reference architecture for `x` (log-mel (B, 96, T) or waveform (B, N)).
+
+  With a `batch_stats` dict: BatchNorm in training mode, its statistics recorded there (see the module's doc).
+  """
   if architecture == "pons_won":
-    h = bert_back_end(pons_front_end(x, sd, conv1x1=True), sd)
+    h = bert_back_end(pons_front_end(x, sd, conv1x1=True, batch_stats=batch_stats), sd)
   elif architecture == "pons_pons":
-    h = pons_back_end(pons_front_end(x, sd, conv1x1=False), sd)
+    h = pons_back_end(pons_front_end(x, sd, conv1x1=False, batch_stats=batch_stats), sd, batch_stats)
   elif architecture == "lee_won":
-    h = bert_back_end(lee_front_end(x, sd, num_blocks=4, final_pad=3), sd)
+    h = bert_back_end(lee_front_end(x, sd, num_blocks=4, final_pad=3, batch_stats=batch_stats), sd)
   else:
-    h = lee_front_end(x, sd, num_blocks=9, final_pad=0).max(-1)
+    h = lee_front_end(x, sd, num_blocks=9, final_pad=0, batch_stats=batch_stats).max(-1)
   return special.expit(_linear(h, sd, "classifier"))

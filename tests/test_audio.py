@@ -1,4 +1,6 @@
 """Tests of flaxtag.audio against independent references (librosa, numpy in float64, known signals)."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import librosa
@@ -240,3 +242,40 @@ def test_silent_clip_raises(tmp_path):
   x = audio.load_audio(path)
   _assert_audio_error(lambda: audio.check_clip(x, 8000, path), "silent.flac", "silent")
   _assert_audio_error(lambda: audio.check_clip(np.zeros(100), 10), "audio clip", "silent")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Values at the door.
+
+
+@pytest.mark.parametrize("value,where", [(np.nan, 0.25), (np.inf, 0.5), (-np.inf, 0.0)])
+def test_non_finite_samples_are_an_error(tmp_path, value, where):
+  x = np.stack([_noise(13, SR), _noise(14, SR)], axis=1)
+  x[int(where * SR), 1] = value
+  path = tmp_path / "bad.wav"
+  soundfile.write(path, x, SR, subtype="FLOAT")
+  _assert_audio_error(lambda: audio.load_audio(path), "bad.wav", "non-finite samples (NaN or infinity)",
+                      f"the first at {where:.2f} s")
+  with pytest.raises(AudioError) as e:
+    with audio.AudioStream(path, block_frames=1000) as stream:
+      list(stream)
+  assert f"the first at {where:.2f} s" in str(e.value) and "\n" not in str(e.value)
+  _assert_audio_error(lambda: audio.check_clip(x[:, 1], 100), "audio clip", "non-finite samples")
+
+
+def test_clipping_and_dc_offset_are_warnings(tmp_path):
+  loud = np.clip(6 * _noise(15, SR), -1, 1)  # a third of the samples at full scale
+  soundfile.write(tmp_path / "clipped.wav", loud, SR, subtype="PCM_16")
+  soundfile.write(tmp_path / "dc.flac", 0.5 * _noise(16, SR) - 0.25, SR, subtype="PCM_24")
+  soundfile.write(tmp_path / "fine.wav", _noise(17, SR), SR, subtype="PCM_16")
+  with pytest.warns(audio.AudioWarning, match=r"clipped.wav is clipped: \d+\.\d % of its samples"):
+    x = audio.load_audio(tmp_path / "clipped.wav")
+  np.testing.assert_allclose(x, loud, atol=1 / 32768)  # used all the same
+  with pytest.warns(audio.AudioWarning, match="dc.flac has a DC offset of 0.25"):
+    audio.load_audio(tmp_path / "dc.flac")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    audio.load_audio(tmp_path / "fine.wav")
+  with audio.AudioStream(tmp_path / "clipped.wav", block_frames=999) as stream:
+    list(stream)
+  assert len(stream.warnings) == 1 and "is clipped" in stream.warnings[0]

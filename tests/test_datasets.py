@@ -98,6 +98,69 @@ def test_mtat_full_config_and_zip_parts(mtat_tree, mtat_data, tmp_path):
     np.testing.assert_array_equal(full[clip_id][1], labels)
 
 
+def test_mtat_annotation_paths_outside_the_manual_dir_are_refused_and_listed(mtat_tree, tmp_path):
+  """'0/../../x.mp3', and a symlink in the tree that points out of it, name a decodable file outside: not read."""
+  _, clips = mtat_tree
+  raw = tmp_path / "raw"
+  fixtures_data.make_mtat_tree(raw, n_per_folder=4)
+  (tmp_path / "outside.mp3").write_bytes((raw / clips[0].path).read_bytes())
+  (raw / "0" / "linked.mp3").symlink_to(tmp_path / "outside.mp3")
+  fixtures_data.append_mtat_clip(raw, "escapes", "0/../../outside.mp3")
+  fixtures_data.append_mtat_clip(raw, "linked", "0/linked.mp3")
+  fixtures_data.build_dataset("mtat/top50_full", raw, tmp_path / "data")
+  built = _records(tmp_path / "data", "mtat/top50_full", "train")
+  assert clips[0].clip_id in built and not {"escapes", "linked"} & set(built)
+  refused = [e for e in _manifest(tmp_path / "data", "mtat/top50_full")["files"] if "outside" in e["reason"]]
+  assert refused == [
+      {"file": "0/../../outside.mp3", "split": "train",
+       "reason": f"refused: '0/../../outside.mp3' resolves to {tmp_path / 'outside.mp3'}, outside {raw}"},
+      {"file": "0/linked.mp3", "split": "train",
+       "reason": f"refused: '0/linked.mp3' resolves to {tmp_path / 'outside.mp3'}, outside {raw}"}]
+
+
+def _valid_clip_and_another(mtat_tree):
+  root, clips = mtat_tree
+  real = next(c for c in clips if c.split == "valid" and c.labels.any() and not c.broken)
+  other = next(c for c in clips if c.split == "train" and not c.broken)
+  return real, (root / other.path).read_bytes()
+
+
+def test_mtat_zip_members_with_absolute_or_dotdot_paths_are_refused_and_listed(mtat_tree, mtat_data, tmp_path):
+  """A member '../../c/<file>' used to replace the real 'c/<file>' silently."""
+  real, other_audio = _valid_clip_and_another(mtat_tree)
+  raw = tmp_path / "raw"
+  fixtures_data.make_mtat_tree(raw, n_per_folder=4, layout="zip_parts",
+                               extra_members={f"../../{real.path}": other_audio, "/abs/x.mp3": other_audio})
+  fixtures_data.build_dataset("mtat/top50_clean", raw, tmp_path / "data")
+  built = _records(tmp_path / "data", "mtat/top50_clean", "valid")[real.clip_id][0]
+  np.testing.assert_array_equal(built, _records(mtat_data, "mtat/top50_clean", "valid")[real.clip_id][0])
+  manifest = _manifest(tmp_path / "data", "mtat/top50_clean")
+  reason = "refused archive member: an absolute path or one with '..'"
+  assert [e for e in manifest["files"] if e["split"] == "none"] == [
+      {"file": "mp3.zip:../../" + real.path, "split": "none", "reason": reason},
+      {"file": "mp3.zip:/abs/x.mp3", "split": "none", "reason": reason}]
+  assert manifest["count"] == 4  # and the two broken clips
+
+
+def test_mtat_zip_member_that_shadows_another_is_an_error(mtat_tree, tmp_path):
+  real, other_audio = _valid_clip_and_another(mtat_tree)
+  raw = tmp_path / "raw"
+  fixtures_data.make_mtat_tree(raw, n_per_folder=4, layout="zip_parts", extra_members={f"mp3/{real.path}": other_audio})
+  with pytest.raises(DatasetError, match=f"mp3.zip.003: members '{real.path}' and 'mp3/{real.path}' both stand for "
+                                         f"'{real.path}'; which one is meant cannot be known"):
+    fixtures_data.build_dataset("mtat/top50_clean", raw, tmp_path / "data")
+  assert not (tmp_path / "data").exists()
+
+
+def test_archive_member_names_are_normalized_before_they_are_compared():
+  index, refused = common.index_archive_members(
+      ["a/", "a/b.mp3", "./c//d.mp3", "e\\f.mp3", "C:/g.mp3", "h/../../i.mp3", "..\\j.mp3"], "x.zip")
+  assert index == {"a/b.mp3": "a/b.mp3", "c/d.mp3": "./c//d.mp3", "e/f.mp3": "e\\f.mp3"}
+  assert list(refused) == ["C:/g.mp3", "h/../../i.mp3", "..\\j.mp3"]
+  with pytest.raises(DatasetError, match="x.zip: members 'c/d.mp3' and './c/d.mp3' both stand for 'c/d.mp3'"):
+    common.index_archive_members(["c/d.mp3", "./c/d.mp3"], "x.zip")
+
+
 def test_top_tags_rank_by_count_then_column():
   labels = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0]])
   assert mtat.top_tags(["a", "b", "c", "d"], labels, k=3) == [1, 2, 3]  # b=2, c=2, d=2 before a=1; ties by column
@@ -179,6 +242,28 @@ def test_msd_splits_labels_and_resampled_audio(msd_tree, msd_data):
   manifest = _manifest(msd_data, "msd")
   assert [(e["split"], os.path.basename(e["file"])) for e in manifest["files"]] == [
       ("train", c.clip_id + ".mp3") for c in clips if c.broken]
+
+
+def test_msd_path_map_entries_outside_the_audio_dir_are_refused_and_listed(tmp_path):
+  """Paths of 7D_id_to_path.pkl are relative to audio/: '../../x.mp3' and '/abs/x.mp3' name a file outside."""
+  raw = tmp_path / "raw"
+  clips = fixtures_data.make_msd_tree(raw, num_train=6, num_valid=2, num_test=3)
+  outside = tmp_path / "outside.mp3"
+  outside.write_bytes((raw / "audio" / clips[0].path).read_bytes())
+  escaping, absolute = clips[8].clip_id, clips[9].clip_id  # two test tracks
+  paths = {c.clip_id: c.path for c in clips}
+  paths.update({escaping: "../../outside.mp3", absolute: str(outside)})
+  fixtures_data.write_msd_path_maps(raw, paths)
+  fixtures_data.build_dataset("msd", raw, tmp_path / "data", num_train=6)
+  assert set(_records(tmp_path / "data", "msd", "test")) == {clips[10].clip_id}
+  audio_root = raw / "audio"
+  refused = [e for e in _manifest(tmp_path / "data", "msd")["files"] if "outside" in e["reason"]]
+  assert sorted(refused, key=lambda e: e["file"]) == sorted([
+      {"file": str(audio_root / "../../outside.mp3"), "split": "test",
+       "reason": f"refused: '../../outside.mp3' resolves to {outside}, outside {audio_root}"},
+      {"file": str(outside), "split": "test",
+       "reason": f"refused: '{outside}' resolves to {outside}, outside {audio_root}"},
+  ], key=lambda e: e["file"])
 
 
 def test_msd_restricted_unpickler(tmp_path, msd_tree):

@@ -1,4 +1,7 @@
-"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics."""
+"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics.
+
+Both formulations of each (`kernels='cpu'`, chosen on the CPU, and `'plain'`, chosen elsewhere) run here on the CPU.
+"""
 from typing import Any
 
 import flax.linen as nn
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 from flaxtag import audio
+from flaxtag.errors import ConfigError
 from flaxtag.models import frontends, layers
 
 
@@ -17,10 +21,12 @@ from flaxtag.models import frontends, layers
     ((8, 33), 0.25, (0,)),
 ])
 @pytest.mark.parametrize("typed_key", [False, True])
-def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key):
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key, kernels):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape) + 3.0, jnp.float32)  # no zeros in x
   key = jax.random.key(7) if typed_key else jax.random.PRNGKey(7)
-  fast = layers.Dropout(rate, broadcast_dims=broadcast_dims).apply({}, x, deterministic=False, rngs={"dropout": key})
+  fast = layers.Dropout(rate, broadcast_dims=broadcast_dims, kernels=kernels).apply(
+      {}, x, deterministic=False, rngs={"dropout": key})
   plain = nn.Dropout(rate, broadcast_dims=broadcast_dims).apply({}, x, deterministic=False, rngs={"dropout": key})
   np.testing.assert_array_equal(np.asarray(fast), np.asarray(plain))
   assert 0 < np.mean(np.asarray(fast) == 0) < 1
@@ -28,7 +34,8 @@ def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key):
 
 
 @pytest.mark.parametrize("window,length", [(2, 9), (3, 12), (4, 10)])
-def test_max_pool_values_and_gradients_equal_flax(window, length):
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_max_pool_values_and_gradients_equal_flax(window, length, kernels):
   rng = np.random.default_rng(window)
   # Integer values: many ties within a window, where the gradient must go to the first maximum only.
   x = jnp.asarray(rng.integers(0, 3, size=(2, length, 3)), jnp.float32)
@@ -38,7 +45,7 @@ def test_max_pool_values_and_gradients_equal_flax(window, length):
     return lambda v: jnp.sum(pool(v) * cotangent)
 
   plain = lambda v: nn.max_pool(v, (window,), strides=(window,), padding="VALID")
-  fast = lambda v: layers.max_pool(v, window)
+  fast = lambda v: layers.max_pool(v, window, kernels)
   np.testing.assert_array_equal(fast(x), plain(x))
   np.testing.assert_array_equal(jax.grad(pooled(fast))(x), jax.grad(pooled(plain))(x))
 
@@ -53,7 +60,7 @@ class PlainTimbreConv(nn.Module):
     height, width = self.kernel_size
     y = nn.Conv(self.features, (height, width), padding=((0, 0), (width // 2, width // 2)), name="conv")(
         spec[..., None])
-    y = nn.relu(layers.batch_norm(train, jnp.float32, name="bn")(y))
+    y = nn.relu(layers.BatchNorm(name="bn")(y, train))
     return jnp.max(y, axis=1)  # (B, T, c)
 
 
@@ -65,7 +72,7 @@ class PlainSpecFrontEnd(nn.Module):
 
   @nn.compact
   def __call__(self, spec, train):
-    spec = layers.batch_norm(train, jnp.float32, name="input_bn")(spec[..., None])[..., 0]
+    spec = layers.BatchNorm(name="input_bn")(spec[..., None], train)[..., 0]
     c, n_mels = self.conv_channels, self.mel.n_mels
     branches = [PlainTimbreConv(c * mult, (int(share * n_mels), width), name=f"timbre_{i}")(spec, train)
                 for i, (share, width, mult) in enumerate(frontends.TIMBRE_BRANCHES)]
@@ -88,10 +95,17 @@ def _plain_variables(variables):
   return {collection: move(tree) for collection, tree in variables.items()}
 
 
-@pytest.fixture(scope="module")
-def spec_frontend_case():
+def test_kernels_are_chosen_by_platform():
+  assert layers.cpu_kernels("auto") == (jax.default_backend() == "cpu")
+  assert layers.cpu_kernels("cpu") and not layers.cpu_kernels("plain")
+  with pytest.raises(ConfigError, match="kernels='gpu'"):
+    layers.cpu_kernels("gpu")
+
+
+@pytest.fixture(scope="module", params=["cpu", "plain"])
+def spec_frontend_case(request):
   mel = audio.MelConfig(n_mels=24)
-  fast = frontends.SpecFrontEnd(2, mel, projection_dim=8)
+  fast = frontends.SpecFrontEnd(2, mel, projection_dim=8, kernels=request.param)
   rng = np.random.default_rng(0)
   spec = jnp.asarray(-30 + 12 * rng.normal(size=(3, 24, 20)), jnp.float32)  # log-mel dB-like
   variables = fast.init(jax.random.key(0), spec, train=False)
@@ -139,3 +153,11 @@ def test_spec_frontend_training_equals_the_plain_computation(spec_frontend_case)
   for got, want in ((fast_stats, plain_stats), (fast_grads, plain_grads)):
     got = _plain_variables({"tree": got})["tree"]
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-4), got, want)
+
+
+def test_batch_norm_refuses_one_value_per_feature_in_training():
+  """PyTorch's running variance takes n / (n - 1) times the batch variance: n = 1 has none (PyTorch refuses it)."""
+  x = jnp.ones((1, 4), jnp.float32)
+  variables = layers.BatchNorm().init(jax.random.key(0), x, train=True)  # initialising updates nothing
+  with pytest.raises(ConfigError, match="more than one value per feature"):
+    layers.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def _tag(tagger, paths, fmt, **kwargs):
 def test_table_and_csv_outputs(tagger, hierarchical, files):
   status, table, err = _tag(tagger, files, "table", top_k=3)
   assert status == 1
-  assert f"error: cannot decode audio file {files[1]}" in err and "[5/5]" in err
+  assert f"error: cannot decode audio file {files[1]}" in err and "5/5" in err and "file/s" in err
   assert "b.flac  (31.0 s, mean of 16 crops)" in table and CORRUPT not in table
   assert len(table.strip().split("\n\n")) == 4 and len(table.strip().split("\n\n")[0].splitlines()) == 4
 
@@ -207,3 +208,124 @@ def test_command_line_tags_files_and_reports_the_corrupt_one(tagger, workdir, fi
   # The same scores as the API here (8 devices), from a process on one device.
   scores = tagger.tag_files(files[2:3])[0].scores
   np.testing.assert_allclose(list(entries[2]["tags"].values()), scores.fine, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A library: directories, JSON lines, resuming, values at the door.
+
+
+def _strict_json(text):
+  """json.loads that refuses NaN and infinity (Python's json accepts them; JSON does not)."""
+  def refuse(constant):
+    raise ValueError(f"{constant} is not JSON")
+  return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+  """A tree of several formats, nested, with a corrupt MP3, a float WAV holding NaN, an inf file, a clipped file, a
+  DC-offset file and a file that is not audio."""
+  root = tmp_path_factory.mktemp("library")
+  (root / "rock" / "live").mkdir(parents=True)
+  (root / "jazz").mkdir()
+  soundfile.write(root / "rock" / "a.flac", _music(6.0, 22050, seed=1), 22050)
+  soundfile.write(root / "rock" / "live" / "b.mp3", _music(5.0, 44100, channels=2, seed=2), 44100)
+  soundfile.write(root / "jazz" / "c.ogg", _music(5.0, 48000, seed=3), 48000)
+  soundfile.write(root / "jazz" / "d.WAV", _music(5.0, 16000, seed=4), 16000)
+  nan = _music(5.0, 16000, seed=5)
+  nan[3 * 16000 + 5] = np.nan
+  soundfile.write(root / "jazz" / "nan.wav", nan, 16000, subtype="FLOAT")
+  inf = _music(5.0, 16000, seed=6)
+  inf[:10] = np.inf
+  soundfile.write(root / "jazz" / "inf.wav", inf, 16000, subtype="FLOAT")
+  soundfile.write(root / "rock" / "clipped.wav", np.clip(8 * _music(5.0, 16000, seed=7), -1, 1), 16000)
+  soundfile.write(root / "rock" / "dc.wav", _music(5.0, 16000, seed=8) * 0.5 + 0.3, 16000)
+  (root / "rock" / "corrupt.mp3").write_bytes(np.random.default_rng(0).bytes(4000))
+  (root / "jazz" / "notes.txt").write_text("not audio")
+  return root
+
+
+LIBRARY_FILES = ["jazz/c.ogg", "jazz/d.WAV", "jazz/inf.wav", "jazz/nan.wav", "rock/a.flac", "rock/clipped.wav",
+                 "rock/corrupt.mp3", "rock/dc.wav", "rock/live/b.mp3"]
+FAILING = {"jazz/inf.wav": "non-finite samples (NaN or infinity), the first at 0.00 s",
+           "jazz/nan.wav": "non-finite samples (NaN or infinity), the first at 3.00 s",
+           "rock/corrupt.mp3": "cannot decode audio file"}
+
+
+def _lines(path):
+  return [_strict_json(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_directories_are_walked_for_audio_files(library):
+  assert tag.audio_files([str(library)]) == [str(library / f) for f in LIBRARY_FILES]
+  # A file named explicitly is taken whatever its extension.
+  assert tag.audio_files([str(library / "jazz" / "notes.txt")]) == [str(library / "jazz" / "notes.txt")]
+
+
+def test_a_library_is_tagged_into_json_lines_and_resumed(tagger, library, tmp_path):
+  output = tmp_path / "tags.jsonl"
+  status, stdout, err = _tag(tagger, [str(library)], "table", output=str(output))
+  assert status == 1 and stdout == ""
+  entries = {os.path.relpath(e["file"], library): e for e in _lines(output)}
+  assert sorted(entries) == LIBRARY_FILES
+  for name, entry in entries.items():
+    if name in FAILING:
+      assert set(entry) == {"file", "error"} and FAILING[name] in entry["error"] and "\n" not in entry["error"]
+      assert f"error: {entry['error']}" in err
+    else:
+      assert list(entry["tags"]) == list(tiny_models.TAG_NAMES) and entry["num_crops"] == 16
+  assert "clipped: " in entries["rock/clipped.wav"]["warnings"][0] and "DC offset of 0.30" in \
+      entries["rock/dc.wav"]["warnings"][0]
+  assert "warnings" not in entries["jazz/d.WAV"]
+  assert "warning: audio file" in err and "9/9" in err and "6 of 9 files tagged" in err
+  # The same scores as one file at a time through the whole-file path.
+  whole = tagger.tag_waveform(tagger.load_clip(library / "rock" / "live" / "b.mp3"))
+  np.testing.assert_allclose(list(entries["rock/live/b.mp3"]["tags"].values()), whole.fine, atol=1e-5)
+
+  # Run again: nothing to do, nothing written twice.
+  before = output.read_text()
+  status, _, err = _tag(tagger, [str(library)], "table", output=str(output))
+  assert status == 0 and output.read_text() == before and "9 skipped, already in" in err
+
+  # Interrupted: two lines lost and the last one cut short. Only those three files are tagged again.
+  lines = before.splitlines(keepends=True)
+  output.write_text("".join(lines[:-3]) + lines[-3][:25])
+  status, _, err = _tag(tagger, [str(library)], "table", output=str(output))
+  again = _lines_skipping_cut(output)
+  assert sorted(os.path.relpath(e["file"], library) for e in again) == LIBRARY_FILES
+  assert "6 skipped" in err
+
+
+def _lines_skipping_cut(path):
+  """The entries of a JSON-lines file whose one line may have been cut short by an interrupted run."""
+  entries = []
+  for line in pathlib.Path(path).read_text().splitlines():
+    try:
+      entries.append(_strict_json(line))
+    except ValueError:
+      continue
+  return entries
+
+
+def test_non_finite_audio_is_an_error_and_json_stays_json(tagger, library):
+  paths = [str(library / "jazz" / "nan.wav"), str(library / "jazz" / "d.WAV")]
+  status, text, err = _tag(tagger, paths, "json")
+  entries = _strict_json(text)
+  assert status == 1 and [e["file"] for e in entries] == paths
+  assert "non-finite samples" in entries[0]["error"] and "tags" in entries[1]
+  assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+  status, text, _ = _tag(tagger, paths[:1], "json")
+  assert status == 1 and _strict_json(text) == [{"file": paths[0], "error": entries[0]["error"]}]
+
+
+def test_command_line_tags_a_directory_into_json_lines(workdir, library, tmp_path):
+  output = tmp_path / "tags.jsonl"
+  command = [sys.executable, "-m", "flaxtag.tag", str(library / "rock"), "--workdir", str(workdir), "--output",
+             str(output)]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stdout == "" and "file/s" in result.stderr
+  names = sorted(os.path.relpath(e["file"], library) for e in _lines(output))
+  assert names == [f for f in LIBRARY_FILES if f.startswith("rock/")]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0 and len(_lines(output)) == len(names) and "5 skipped" in result.stderr

@@ -119,7 +119,8 @@ class Msd(common.Builder):
         "test": test_list[:num_test],
     }
     tag_map = {_text(k): v for k, v in load_pickle(root / TAG_MAP).items()}
-    path_of = self._path_function(root)
+    audio_root = os.fspath(root / AUDIO_DIR)
+    relative_path = self._path_function(root)
     items, missing = {}, []
     for split, tracks in ids.items():
       items[split] = []
@@ -129,10 +130,19 @@ class Msd(common.Builder):
         labels = np.asarray(tag_map[track]).reshape(-1)
         if labels.shape != (len(TAGS),):
           raise DatasetError(f"msd: the tag vector of {track} has {labels.size} entries, expected {len(TAGS)}")
-        path = path_of(track)
-        if path is None or not os.path.exists(path):
+        relative = relative_path(track)
+        if relative is None:  # not in the path maps
           missing.append(track)
-          self.record_missing(path or track, split)
+          self.record_skipped(track, split, common.MISSING)
+          continue
+        try:
+          path = common.resolve_path_inside(audio_root, relative)
+        except common.PathOutsideRootError as e:
+          self.record_skipped(os.path.join(audio_root, relative), split, str(e))
+          continue
+        if not os.path.exists(path):
+          missing.append(track)
+          self.record_skipped(path, split, common.MISSING)
           continue
         items[split].append(common.Item(track, path, ((labels != 0).astype(common.LABEL_DTYPE), track)))
     common.check_missing_audio(missing, sum(map(len, ids.values())), "msd",
@@ -140,12 +150,12 @@ class Msd(common.Builder):
     return {split: (split_items, _example) for split, split_items in items.items()}
 
   def _path_function(self, root: epath.Path):
-    audio_root = os.fspath(root / AUDIO_DIR)
+    """track id -> its preview's path relative to the audio dir (None: not in the path maps)."""
     present = [(root / p).exists() for p in PATH_MAPS]
     if any(present) and not all(present):
       common.require_manual_files(root, PATH_MAPS, "msd", HOW_TO_GET)
     if all(present):
       to_7d = {_text(k): _text(v) for k, v in load_pickle(root / PATH_MAPS[0]).items()}
       to_path = {_text(k): _text(v) for k, v in load_pickle(root / PATH_MAPS[1]).items()}
-      return lambda t: os.path.join(audio_root, to_path[to_7d[t]]) if to_path.get(to_7d.get(t)) else None
-    return lambda t: os.path.join(audio_root, t[2], t[3], t[4], t + ".mp3")
+      return lambda t: to_path.get(to_7d.get(t)) or None
+    return lambda t: os.path.join(t[2], t[3], t[4], t + ".mp3")

@@ -127,9 +127,10 @@ def _archive(parts: tuple[str, ...]) -> zipfile.ZipFile:
   return _ARCHIVES[parts]
 
 
-def _member_index(archive: zipfile.ZipFile) -> dict[str, str]:
-  """'<folder>/<file>.mp3' → member name, whatever prefix the archive puts before the folders."""
-  return {"/".join(name.split("/")[-2:]): name for name in archive.namelist() if not name.endswith("/")}
+def _member_index(archive: zipfile.ZipFile, name: str) -> tuple[dict[str, str], dict[str, str]]:
+  """({'<folder>/<file>.mp3': member name}, {refused member: reason}), whatever prefix the archive puts before the
+  folders (see common.index_archive_members)."""
+  return common.index_archive_members(archive.namelist(), name, key=lambda path: "/".join(path.split("/")[-2:]))
 
 
 def _example_from_file(item: common.Item) -> dict:
@@ -196,10 +197,15 @@ class Mtat(common.Builder):
       split = SPLIT_OF_FOLDER.get(mp3_path[:1])
       if split is None:
         raise DatasetError(f"{root / ANNOTATIONS}: clip {clip_id} has mp3_path {mp3_path!r}, not in folders 0-f")
+      try:
+        common.resolve_path_inside(root, mp3_path)  # in either layout, the path names a file of the manual dir
+      except common.PathOutsideRootError as e:
+        self.record_skipped(mp3_path, split, str(e))
+        continue
       item = locate(mp3_path, labels[order], clip_id)
       if item is None:
         missing.append(mp3_path)
-        self.record_missing(mp3_path, split)
+        self.record_skipped(mp3_path, split, common.MISSING)
         continue
       items[split].append(item)
     common.check_missing_audio(missing, len(clips), "mtat", layout)
@@ -218,9 +224,11 @@ class Mtat(common.Builder):
       if present:
         common.require_manual_files(root, ZIP_PARTS, "mtat", HOW_TO_GET)
       try:
-        members = _member_index(_archive(parts))
+        members, refused = _member_index(_archive(parts), f"mtat: {', '.join(parts)}")
       except zipfile.BadZipFile as e:
         raise DatasetError(f"mtat: {', '.join(parts)} do not form a zip archive ({e}); re-download them.") from e
+      for member, reason in refused.items():
+        self.record_skipped(f"mp3.zip:{member}", "none", reason)  # feeds no split
 
       def locate(mp3_path, labels, clip_id):
         member = members.get(mp3_path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtag.errors import AudioError, ConfigError
-from flaxtag.models.layers import ConvBlock, Dropout, batch_norm, max_pool
+from flaxtag.models.layers import BatchNorm, ConvBlock, Dropout, max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +65,24 @@ class EncoderLayer(nn.Module):
     head_dim = width // cfg.num_heads
     # One matmul for queries, keys and values.
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x).reshape(batch, tokens, 3, cfg.num_heads, head_dim)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Heads before tokens, (B, heads, T, d): each head's matmuls then read contiguous (T, d) blocks, faster on CPU.
+    query, key, value = qkv.transpose(2, 0, 3, 1, 4)
     # Scaling the queries, not the logits: 4x fewer elements (T·d vs T·T per head), and exact for head_dim = 64.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query * (1 / math.sqrt(head_dim)), key)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    self.sow("intermediates", "attention", probs)
-    if forced_attention is not None:  # (B, tokens): every head and query attends as given.
-      probs = jnp.broadcast_to(forced_attention[:, None, None, :].astype(jnp.float32), probs.shape)
-    probs = Dropout(cfg.attention_dropout)(probs, deterministic=not train)
-    context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value).reshape(batch, tokens, width)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", query * (1 / math.sqrt(head_dim)), key).astype(jnp.float32)
+    if train or forced_attention is not None or self.is_mutable_collection("intermediates"):
+      probs = jax.nn.softmax(logits, axis=-1)
+      self.sow("intermediates", "attention", probs)
+      if forced_attention is not None:  # (B, tokens): every head and query attends as given.
+        probs = jnp.broadcast_to(forced_attention[:, None, None, :].astype(jnp.float32), probs.shape)
+      probs = Dropout(cfg.attention_dropout)(probs, deterministic=not train)
+      context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), value)
+    else:
+      # Inference, the probabilities unseen: softmax's division comes after the product with the values, on (T, d)
+      # per head instead of (T, T), and the probabilities are never written.
+      weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+      context = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), value)
+      context = context / jnp.sum(weights, axis=-1, keepdims=True).astype(self.dtype)
+    context = context.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
     attended = nn.Dense(width, dtype=self.dtype, name="attention_out")(context)
     attended = Dropout(cfg.dropout)(attended, deterministic=not train)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="attention_norm")(x + attended)
@@ -134,7 +143,7 @@ class PonsBackEnd(nn.Module):
     x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_2")(x, train)
     x = jnp.concatenate([jnp.max(x, axis=1), jnp.mean(x, axis=1)], axis=-1)
     x = nn.Dense(self.embed_dim, dtype=self.dtype, name="dense")(x)
-    return nn.relu(batch_norm(train, self.dtype, name="dense_bn")(x))
+    return nn.relu(BatchNorm(self.dtype, name="dense_bn")(x, train))
 
 
 class SampleBackEnd(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 
 from flaxtag import audio
 from flaxtag.errors import AudioError
-from flaxtag.models.layers import BatchNormStats, ConvBlock
+from flaxtag.models.layers import BatchNorm, ConvBlock, cpu_kernels
 
 # Training crop per front-end (SPEC §1): 256 centred STFT frames, and 10·3^8 samples.
 CROP_SAMPLES = {"spec": 65_280, "raw": 65_610}
@@ -32,7 +32,8 @@ def take_extreme(y: jax.Array, largest: jax.Array) -> jax.Array:
   The gradient goes to that one element (the first on ties), built in one elementwise pass from the stored
   indices; autodiff of a max would compare every element with the result and count the ties.
   """
-  return _take_extreme_fwd(y, largest)[0]
+  # Not differentiated (inference): the same values from a max and a min, without XLA:CPU's slow argmax.
+  return jnp.where(largest, jnp.max(y, axis=2), jnp.min(y, axis=2))
 
 
 def _take_extreme_fwd(y, largest):
@@ -55,13 +56,15 @@ class TimbreConv(nn.Module):
   Takes the front-end's input BatchNorm apart: `centred` (B, T, mel) is the log-mel minus that BatchNorm's mean,
   and the normalised input is `centred * in_mul + in_bias` (scalars).
 
-  A tall kernel over one input channel is a poor case for XLA's convolutions, so it is computed as a 1-D conv
-  over time whose input channels are the mel bands and whose output channels are (frequency position × filter),
-  with a banded weight built from the kernel. The result is the same cross-correlation.
+  A tall kernel over one input channel is a poor case for XLA:CPU's convolutions, so there it is computed as a 1-D
+  conv over time whose input channels are the mel bands and whose output channels are (frequency position ×
+  filter), with a banded weight built from the kernel; elsewhere (see `layers.cpu_kernels`) as the plain 2-D conv.
+  The result is the same cross-correlation.
   """
   features: int
   kernel_size: tuple[int, int]
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, centred, in_mul, in_bias, train: bool):
@@ -70,17 +73,22 @@ class TimbreConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (height, width, 1, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     positions = n_mels - height + 1
-    offset = np.arange(n_mels)[:, None] - np.arange(positions)[None, :]  # mel band - output position
-    inside = (offset >= 0) & (offset < height)
-    banded = jnp.take(kernel[:, :, 0, :], np.clip(offset, 0, height - 1), axis=0)  # (mel, pos, width, c)
-    banded = jnp.where(inside[:, :, None, None], banded, 0.0)
-    banded = banded.transpose(2, 0, 1, 3).reshape(width, n_mels, positions * self.features)
     pad = [(width // 2, width // 2)]
     # conv(centred·in_mul + in_bias) + bias = in_mul·conv(centred) + offset: `centred` holds no parameter, so the
     # backward pass needs no input gradient of this, the front-end's largest matmul (a third of its cost).
-    conv = jax.lax.conv_general_dilated(centred.astype(self.dtype), banded.astype(self.dtype), window_strides=(1,),
-                                        padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
-    conv = conv.reshape(batch, frames, positions, self.features)
+    if cpu_kernels(self.kernels):
+      offset = np.arange(n_mels)[:, None] - np.arange(positions)[None, :]  # mel band - output position
+      inside = (offset >= 0) & (offset < height)
+      banded = jnp.take(kernel[:, :, 0, :], np.clip(offset, 0, height - 1), axis=0)  # (mel, pos, width, c)
+      banded = jnp.where(inside[:, :, None, None], banded, 0.0)
+      banded = banded.transpose(2, 0, 1, 3).reshape(width, n_mels, positions * self.features)
+      conv = jax.lax.conv_general_dilated(centred.astype(self.dtype), banded.astype(self.dtype),
+                                          window_strides=(1,), padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
+      conv = conv.reshape(batch, frames, positions, self.features)
+    else:  # over (time, frequency) of (B, T, mel, 1): the kernel's (freq, time) axes swapped
+      conv = jax.lax.conv_general_dilated(centred[..., None].astype(self.dtype),
+                                          kernel.transpose(1, 0, 2, 3).astype(self.dtype), window_strides=(1, 1),
+                                          padding=[*pad, (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # edge[t]: the kernel's sum over the taps that fall on frames (the input is zero-padded in time).
     edge = jax.lax.conv_general_dilated(jnp.ones((1, frames, 1), jnp.float32), jnp.sum(kernel, axis=0),
                                         window_strides=(1,), padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
@@ -89,14 +97,15 @@ class TimbreConv(nn.Module):
     moments = None
     if train:
       # BN statistics of y = conv·in_mul + offset from per-(t, c) sums of conv and conv² over (batch, position):
-      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`.
+      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`. The
+      # running variance's n / (n - 1) counts conv's elements, as many as y's (batch × frames × positions).
       conv32 = conv.astype(jnp.float32)
       sum1, sum2 = jnp.sum(conv32, axis=(0, 2)), jnp.sum(lax.square(conv32), axis=(0, 2))
       n = batch * positions
       y_sum = in_mul * sum1 + n * offset
       y2_sum = lax.square(in_mul) * sum2 + 2 * in_mul * offset * sum1 + n * lax.square(offset)
       moments = jnp.sum(y_sum, axis=0) / (n * frames), jnp.sum(y2_sum, axis=0) / (n * frames)
-    mean, mul, bn_bias = BatchNormStats(name="bn")(conv, train, moments)
+    mean, mul, bn_bias = BatchNorm(name="bn").statistics(conv, train, moments)
     # relu(BN(y)) is monotonic in conv, increasing where in_mul·mul ≥ 0 and decreasing elsewhere (float rounding
     # keeps it so), so its max over frequency is its value at conv's max, or min: y, BN and ReLU are then computed
     # for positions× fewer elements, each with the same arithmetic as it would have had before the pooling.
@@ -111,16 +120,18 @@ class SpecFrontEnd(nn.Module):
   mel: audio.MelConfig
   projection_dim: int | None = None
   dtype: Any = jnp.float32
+  kernels: str = "auto"  # the timbre convs' formulation, see `layers.cpu_kernels`
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = self.log_mel(x).transpose(0, 2, 1)  # (B, T, mel)
-    # The input BatchNorm (one channel) as (spec - mean)·mul + bias, applied inside the branches (see TimbreConv).
-    mean, mul, bias = BatchNormStats(name="input_bn")(spec.reshape(-1, 1), train)
+    # The input BatchNorm (one channel, n = batch × frames × mel values) as (spec - mean)·mul + bias, applied
+    # inside the branches (see TimbreConv).
+    mean, mul, bias = BatchNorm(name="input_bn").statistics(spec.reshape(-1, 1), train)
     centred = spec - mean
     c, n_mels = self.conv_channels, self.mel.n_mels
     branches = [
-        TimbreConv(c * mult, (int(share * n_mels), width), dtype=self.dtype, name=f"timbre_{i}")(
+        TimbreConv(c * mult, (int(share * n_mels), width), dtype=self.dtype, kernels=self.kernels, name=f"timbre_{i}")(
             centred, mul, bias, train)
         for i, (share, width, mult) in enumerate(TIMBRE_BRANCHES)
     ]

@@ -1,5 +1,6 @@
 """Small layers shared by the front-ends and back-ends."""
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -8,46 +9,71 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-# PyTorch's BatchNorm defaults (momentum 0.1 on the new statistic, eps 1e-5), which the reference models used.
+from flaxtag.errors import ConfigError
+
+# PyTorch's BatchNorm as the reference models used it: momentum 0.1 on the new statistic (Flax's 0.9 on the old),
+# eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+KERNELS = ("auto", "cpu", "plain")
 
 
-class BatchNormStats(nn.Module):
-  """`batch_norm`'s variables and arithmetic, with the normalisation handed back to the caller instead of applied.
+def cpu_kernels(kernels: str) -> bool:
+  """Whether to use the formulations tuned for XLA:CPU: unrolled Threefry dropout masks, the custom-VJP max-pool,
+  the banded timbre convs (BENCHMARKS.md). They give the plain formulations' results; 'auto' takes them on the CPU
+  only, where they were measured faster: they are not known to help on GPU or TPU."""
+  if kernels not in KERNELS:
+    raise ConfigError(f"kernels={kernels!r}: use one of {list(KERNELS)}.")
+  return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
 
-  Returns (mean, mul, bias), per feature (last axis) in float32, such that `batch_norm(x)` equals
-  `(x - mean) * mul + bias` as nn.BatchNorm computes it (statistics in float32 with E[x²] - E[x]², running averages
-  updated in training but not at initialisation). The variables are nn.BatchNorm's: params 'scale', 'bias';
-  batch_stats 'mean', 'var'. A caller can so normalise a reduced tensor (after a max-pool, which commutes with this
-  per-feature monotonic map) instead of every element. In training, `moments` = (E[x], E[x²]) per feature, if
-  given, replaces the statistics of `x` (then only x.shape[-1] is used).
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis, as the reference's PyTorch BatchNorm computes it.
+
+  Why: every conv of SPEC §2–3 is followed by the reference's PyTorch BatchNorm (momentum 0.1, eps 1e-5; the
+  layout file beside SPEC), and evaluation (SPEC §7) runs on its running statistics, so a model trained here gives
+  the reference's eval-mode outputs only if they are updated by PyTorch's rule. Training normalises with the batch
+  mean and the *biased* batch variance, but the running variance takes the *unbiased* one, n / (n - 1) times it,
+  with n the values per feature in the global batch (batch × positions); nn.BatchNorm would mix in the biased one
+  (6.7 % less for CNN P's dense BatchNorm at batch 16). Running averages are updated in training but not at
+  initialisation. Variables are nn.BatchNorm's: params 'scale', 'bias'; batch_stats 'mean', 'var'; statistics are
+  float32 (E[x²] - E[x]²) whatever `dtype`.
   """
+  dtype: Any = jnp.float32
+
+  def __call__(self, x, train: bool):
+    mean, mul, bias = self.statistics(x, train)
+    return ((x - mean) * mul + bias).astype(self.dtype)
 
   @nn.compact
-  def __call__(self, x, train: bool, moments: tuple[jax.Array, jax.Array] | None = None):
+  def statistics(self, x, train: bool, moments: tuple[jax.Array, jax.Array] | None = None):
+    """(mean, mul, bias) per feature in float32, such that this BatchNorm of `x` is `(x - mean) * mul + bias`.
+
+    A caller can so normalise a reduced tensor (after a max-pool, which commutes with this per-feature monotonic
+    map) instead of every element. In training, `moments` = (E[y], E[y²]) per feature, if given, are the
+    statistics of a tensor y with as many elements as `x` (whose values are then not used).
+    """
     features = (x.shape[-1],)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
     scale = self.param("scale", nn.initializers.ones, features)
     bias = self.param("bias", nn.initializers.zeros, features)
-    if train:
-      if moments is None:
-        axes = tuple(range(x.ndim - 1))
-        x = x.astype(jnp.float32)
-        moments = jnp.mean(x, axes), jnp.mean(lax.square(x), axes)
-      mean, mean2 = moments
-      var = jnp.maximum(0.0, mean2 - lax.square(mean))
-      if not self.is_initializing():
-        ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
-        ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
-    else:
-      mean, var = ra_mean.value, ra_var.value
+    if not train:
+      return ra_mean.value, lax.rsqrt(ra_var.value + BN_EPSILON) * scale, bias
+    if moments is None:
+      axes = tuple(range(x.ndim - 1))
+      x = x.astype(jnp.float32)
+      moments = jnp.mean(x, axes), jnp.mean(lax.square(x), axes)
+    mean, mean2 = moments
+    var = jnp.maximum(0.0, mean2 - lax.square(mean))
+    if not self.is_initializing():
+      count = math.prod(x.shape[:-1])
+      if count < 2:
+        raise ConfigError(f"BatchNorm in training needs more than one value per feature, got input {x.shape}; "
+                          "train with a larger batch (PyTorch refuses this too).")
+      ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+      ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var * (count / (count - 1))
     return mean, lax.rsqrt(var + BN_EPSILON) * scale, bias
 
 
@@ -89,7 +115,8 @@ def bernoulli(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
 
 
 class Dropout(nn.Dropout):
-  """nn.Dropout with `bernoulli` above: the same masks (same name, same rng stream), drawn faster on CPU."""
+  """nn.Dropout, with `bernoulli` above on the CPU: the same masks (same name, same rng stream), drawn faster."""
+  kernels: str = "auto"  # see `cpu_kernels`
 
   @nn.compact
   def __call__(self, inputs, deterministic: bool | None = None, rng: jax.Array | None = None):
@@ -104,7 +131,8 @@ class Dropout(nn.Dropout):
     shape = list(inputs.shape)
     for dim in self.broadcast_dims:
       shape[dim] = 1
-    mask = jnp.broadcast_to(bernoulli(rng, keep_prob, tuple(shape)), inputs.shape)
+    draw = bernoulli if cpu_kernels(self.kernels) else jax.random.bernoulli
+    mask = jnp.broadcast_to(draw(rng, keep_prob, tuple(shape)), inputs.shape)
     return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
@@ -122,19 +150,21 @@ class ConvBlock(nn.Module):
     pad = self.kernel_size // 2 if self.padding is None else self.padding
     x = nn.Conv(self.features, (self.kernel_size,), strides=(self.strides,), padding=[(pad, pad)],
                 dtype=self.dtype, name="conv")(x)
-    x = nn.relu(batch_norm(train, self.dtype, name="bn")(x))
+    x = nn.relu(BatchNorm(self.dtype, name="bn")(x, train))
     if self.pool > 1:
       x = max_pool(x, self.pool)
     return x
 
 
-def max_pool(x, window: int):
+def max_pool(x, window: int, kernels: str = "auto"):
   """nn.max_pool(x, (window,), strides=(window,), padding="VALID") on (B, T, C): same values, same gradient.
 
   XLA:CPU differentiates nn.max_pool with select-and-scatter (index tensors and a scatter), several times slower
-  than this elementwise version, which keeps the index of each window's first maximum (as select-and-scatter
-  picks it) for the backward pass.
+  than the elementwise version used there (see `cpu_kernels`), which keeps the index of each window's first maximum
+  (as select-and-scatter picks it) for the backward pass.
   """
+  if not cpu_kernels(kernels):
+    return nn.max_pool(x, (window,), strides=(window,), padding="VALID")
   length = x.shape[1] // window * window
   return _window_max(x[:, :length], window)
 

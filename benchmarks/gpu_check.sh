@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# GPU readiness check: on a machine with an NVIDIA GPU, installs flaxtag with JAX's CUDA build in a virtualenv, then
+# times training and inference of the four models (fp32 and bf16, batch 16 and a large batch) with
+# benchmarks/train_throughput.py, and writes everything to ONE JSON file. Meant to finish in under 8 minutes: runs go
+# most important first (batch 16, then the large batch) and whatever the time budget leaves out is listed as skipped.
+#
+#   bash benchmarks/gpu_check.sh                          # → build/gpu_check.json
+#   bash benchmarks/gpu_check.sh --out gpu.json --large-batch 128
+#   bash benchmarks/gpu_check.sh --skip-install --python .venv/bin/python --allow-cpu --models raw_cnnl \
+#     --batch-sizes 8 --steps 1                           # the same path on the CPU, as tests/test_benchmarks.py does
+#
+# The install needs PyPI (or a wheel cache through PIP_FIND_LINKS): jax[cuda13] if the driver supports CUDA 13
+# (nvidia-smi's "CUDA Version"), else jax[cuda12]. It is skipped when the virtualenv's JAX already runs on the GPU.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=$REPO/build/gpu_check.json
+VENV=$REPO/build/gpu_venv
+PYTHON=""
+INSTALL=1
+ALLOW_CPU=0
+MODELS=spec_att,raw_att,spec_cnnp,raw_cnnl
+LARGE_BATCH=256
+BATCH_SIZES=""
+STEPS=5
+BUDGET_S=460  # of the 8 minutes, all but a margin for writing the JSON
+
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) OUT=$(realpath -ms "$2"); shift 2 ;;
+    --venv) VENV=$(realpath -ms "$2"); shift 2 ;;
+    --python) case $2 in */*) PYTHON=$(realpath -ms "$2") ;; *) PYTHON=$2 ;; esac; shift 2 ;;  # a path, or on PATH
+    --skip-install) INSTALL=0; shift ;;
+    --allow-cpu) ALLOW_CPU=1; shift ;;
+    --models) MODELS=$2; shift 2 ;;
+    --large-batch) LARGE_BATCH=$2; shift 2 ;;
+    --batch-sizes) BATCH_SIZES=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    --budget) BUDGET_S=$2; shift 2 ;;
+    *) usage ;;
+  esac
+done
+BATCH_SIZES=${BATCH_SIZES:-"16 $LARGE_BATCH"}
+START=$SECONDS
+cd "$REPO"
+mkdir -p "$(dirname "$OUT")"
+
+if [ -z "$PYTHON" ]; then
+  PYTHON=$VENV/bin/python
+fi
+on_gpu() { "$1" -c "import jax; assert jax.default_backend() == 'gpu'" >/dev/null 2>&1; }
+if [ "$INSTALL" = 1 ] && [ -x "$PYTHON" ] && on_gpu "$PYTHON"; then
+  echo "gpu_check: $PYTHON's JAX runs on the GPU already; not installing"
+elif [ "$INSTALL" = 1 ]; then
+  cuda=$( (nvidia-smi 2>/dev/null || true) | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1)
+  if [ -z "$cuda" ]; then
+    echo "gpu_check: nvidia-smi finds no NVIDIA GPU (or driver); nothing to install for. --skip-install --allow-cpu" \
+      "runs the CPU path." >&2
+    exit 1
+  fi
+  extra=cuda12
+  [ "$cuda" -ge 13 ] && extra=cuda13
+  echo "gpu_check: driver supports CUDA $cuda; installing flaxtag and jax[$extra] into $VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e . "jax[$extra]"
+fi
+
+if ! on_gpu "$PYTHON" && [ "$ALLOW_CPU" != 1 ]; then
+  echo "gpu_check: $PYTHON's JAX does not run on the GPU; see its 'pip list | grep -i jax'." >&2
+  exit 1
+fi
+
+PARTS=$(mktemp -d)
+trap 'rm -rf "$PARTS"' EXIT
+# Most important first: every mode and precision at batch 16, then at the large batch.
+for batch in $BATCH_SIZES; do
+  for precision in fp32 bf16; do
+    for mode in train infer; do
+      name=$mode-$precision-$batch
+      left=$((BUDGET_S - (SECONDS - START)))
+      if [ "$left" -lt 30 ]; then
+        echo "out of time budget (${BUDGET_S}s)" > "$PARTS/$name.skipped"
+        continue
+      fi
+      flags=(--mode "$mode" --batch_size "$batch" --steps "$STEPS" --models "$MODELS" --json "$PARTS/$name.json")
+      [ "$precision" = bf16 ] && flags+=(--half_precision)
+      echo "gpu_check: $name (${left}s of the budget left)"
+      # A run that runs out of time keeps the models it finished: the JSON is rewritten after each model.
+      if ! timeout "$left" "$PYTHON" benchmarks/train_throughput.py "${flags[@]}" > "$PARTS/$name.log" 2>&1; then
+        tail -n 20 "$PARTS/$name.log" > "$PARTS/$name.failed"
+      fi
+      grep -v '^{' "$PARTS/$name.log" | tail -n 8 || true
+    done
+  done
+done
+
+"$PYTHON" - "$PARTS" "$OUT" "$((SECONDS - START))" <<'EOF'
+import glob, json, os, subprocess, sys
+
+parts, out, wall_s = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+  gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                        capture_output=True, text=True, check=True).stdout.strip().splitlines()
+except (OSError, subprocess.CalledProcessError):
+  gpus = []
+runs, problems = [], {}
+for path in sorted(glob.glob(os.path.join(parts, "*.json"))):
+  with open(path) as f:
+    runs.append(json.load(f))
+for kind in ("failed", "skipped"):
+  for path in sorted(glob.glob(os.path.join(parts, f"*.{kind}"))):
+    with open(path) as f:
+      problems.setdefault(kind, {})[os.path.basename(path).rsplit(".", 1)[0]] = f.read()
+with open(out, "w") as f:
+  json.dump({"benchmark": "gpu_check", "gpus": gpus, "wall_s": wall_s, "runs": runs, **problems}, f, indent=1)
+print(f"gpu_check: {sum(len(r['results']) for r in runs)} results in {len(runs)} runs, "
+      f"{len(problems.get('failed', {}))} failed, {len(problems.get('skipped', {}))} skipped, {wall_s}s -> {out}")
+EOF

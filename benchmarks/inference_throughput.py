@@ -1,0 +1,122 @@
+"""Inference throughput of method A's four models: crops/s and the share of the matmul peak of the forward that
+`flaxtag.tag`, `flaxtag.explain` and `flaxtag.eval` run (eval mode, `Tagger.predict` on a batch of crops).
+
+For each model (c=16, 50 tags, random initial weights) this times `Tagger.predict` on a fixed batch of crops of
+noise, host to host (the batch is copied to the devices and the probabilities back, as in tagging), with the batch
+split over one device and over every device, alternately, step by step. The FLOPs are train_throughput.py's
+analytic forward count (convolutions, dense layers, attention matmuls, mel filterbank; 2 per multiply-add); the
+share of peak is that count's FLOP/s over the FLOP/s of a jit-compiled fp32 matmul (train_throughput.MatmulPeak)
+measured just before and just after each timed forward, so that load from other processes weighs on both alike;
+the median over steps is reported, with its range.
+
+  .venv/bin/python benchmarks/inference_throughput.py                  # all four models, batch 16
+  .venv/bin/python benchmarks/inference_throughput.py --models=spec_att --steps=10
+
+`--devices` is the number of JAX CPU devices the process starts with; 0 (the default), one per core, as
+`flaxtag.tag` starts. Do not run it under tests/conftest.py's 8-device setting.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+
+if __name__ == "__main__":  # before JAX starts its backend
+  _devices = argparse.ArgumentParser(add_help=False)
+  _devices.add_argument("--devices", type=int, default=0)
+  jax.config.update("jax_num_cpu_devices", _devices.parse_known_args()[0].devices or len(os.sched_getaffinity(0)))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from flaxtag.inference import Tagger  # noqa: E402
+from flaxtag.models import tagger  # noqa: E402
+from train_throughput import LABELS, MODELS, MatmulPeak, analytic_forward_flops, cpu_model, model_config  # noqa: E402
+
+
+def benchmark_model(name: str, args, peak: MatmulPeak) -> list[dict]:
+  """Times the model's forward with the batch on one device and split over all, alternately; a dict for each."""
+  config = model_config(name, args.conv_channels, args.num_tags)
+  model = tagger.build_model(config)
+  variables = jax.device_get(tagger.init_variables(model, jax.random.key(0)))
+  crops = (0.1 * np.random.default_rng(0).standard_normal((args.batch_size, tagger.crop_samples(model))))
+  crops = crops.astype(np.float32)
+  flops = analytic_forward_flops(name, config) * args.batch_size
+  splits = {1: jax.local_devices()[:1], len(jax.local_devices()): jax.local_devices()}
+  taggers = {n: Tagger(model, variables, config, {}, devices) for n, devices in splits.items()}
+  compile_s = {}
+  for n, t in taggers.items():
+    start = time.perf_counter()
+    t.predict(crops, batch_size=args.batch_size)
+    compile_s[n] = time.perf_counter() - start
+    for _ in range(args.warmup):
+      t.predict(crops, batch_size=args.batch_size)
+  times = {n: [] for n in taggers}
+  shares = {n: [] for n in taggers}
+  for _ in range(args.steps):
+    for n, t in taggers.items():
+      before = peak.measure()
+      start = time.perf_counter()
+      t.predict(crops, batch_size=args.batch_size)
+      times[n].append(time.perf_counter() - start)
+      shares[n].append(flops / times[n][-1] / ((before + peak.measure()) / 2))
+  results = []
+  for n in taggers:
+    seconds = statistics.median(times[n])
+    results.append({
+        "model": name, "devices": n, "batch_size": args.batch_size, "s_per_batch": seconds,
+        "crops_per_s": args.batch_size / seconds, "compile_s": compile_s[n],
+        "gflop_per_crop": flops / args.batch_size / 1e9, "gflop_per_s": flops / seconds / 1e9,
+        # Median over steps of each forward's FLOP/s over the peak measured just before and after it.
+        "peak_share": statistics.median(shares[n]), "peak_share_min": min(shares[n]),
+        "peak_share_max": max(shares[n])})
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+  parser.add_argument("--batch_size", type=int, default=16, help="crops per forward")
+  parser.add_argument("--steps", type=int, default=7, help="timed forwards per model and device split")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed forwards after the compiling one")
+  parser.add_argument("--devices", type=int, default=0, help="JAX CPU devices to start; 0: one per core")
+  parser.add_argument("--conv_channels", type=int, default=16)
+  parser.add_argument("--num_tags", type=int, default=50)
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  unknown = sorted(set(names) - set(MODELS))
+  if unknown:
+    parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+
+  device = jax.devices()[0]
+  load_before = os.getloadavg()
+  peak = MatmulPeak(2048 if device.platform == "cpu" else 8192, jnp.float32)
+  results = [r for name in names for r in benchmark_model(name, args, peak)]
+  load = os.getloadavg()
+  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
+        f"jax {jax.__version__}, load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
+  print(f"float32 {peak.size}x{peak.size} matmul peak, measured around every timed forward: median "
+        f"{statistics.median(peak.samples) / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, "
+        f"max {max(peak.samples) / 1e9:.0f})")
+  header = (f"{'model':<11} {'devices':>7} {'batch':>5} {'s/batch':>8} {'crops/s':>8} {'GFLOP/crop':>10} "
+            f"{'GFLOP/s':>8} {'of peak':>8} {'(min-max)':>11}")
+  print(header)
+  print("-" * len(header))
+  for r in results:
+    print(f"{LABELS[r['model']]:<11} {r['devices']:>7} {r['batch_size']:>5} {r['s_per_batch']:>8.3f} "
+          f"{r['crops_per_s']:>8.1f} {r['gflop_per_crop']:>10.2f} {r['gflop_per_s']:>8.1f} "
+          f"{100 * r['peak_share']:>7.1f}% ({100 * r['peak_share_min']:.0f}-{100 * r['peak_share_max']:.0f}%)")
+  print(json.dumps({
+      "benchmark": "inference_throughput", "device": device.device_kind, "platform": device.platform,
+      "host": cpu_model(), "jax": jax.__version__, "load_average_before": load_before[:3], "load_average": load[:3],
+      "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,45 @@
+"""benchmarks/gpu_check.sh on the CPU (no GPU here): its runs of benchmarks/train_throughput.py, in both modes and
+precisions, end in one JSON file; and runs its time budget leaves out are listed, not lost."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def gpu_check(tmp_path, *flags):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not conftest's eight
+  env["JAX_PLATFORMS"] = "cpu"
+  out = tmp_path / "check.json"
+  done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--skip-install", "--allow-cpu",
+                         "--python", sys.executable, "--out", str(out), "--models", "raw_cnnl", *flags],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, check=False)
+  assert done.returncode == 0, done.stdout + done.stderr
+  with open(out) as f:
+    return json.load(f)
+
+
+def test_every_mode_and_precision_in_one_file(tmp_path):
+  report = gpu_check(tmp_path, "--batch-sizes", "4", "--steps", "1")
+  assert "failed" not in report and "skipped" not in report
+  runs = {(run["mode"], run["half_precision"]): run for run in report["runs"]}
+  assert sorted(runs) == [("infer", False), ("infer", True), ("train", False), ("train", True)]
+  for (mode, _), run in runs.items():
+    assert run["platform"] == "cpu" and run["kernels"] == "cpu"
+    [result] = run["results"]
+    assert result["model"] == "raw_cnnl" and result["mode"] == mode and result["batch_size"] == 4
+    assert result["samples_per_s"] > 0 and 0 < result["mfu"] < 1
+  # Inference counts the forward once, training forward and backward: three times as many FLOPs.
+  assert runs["train", False]["results"][0]["gflop_per_sample"] == pytest.approx(
+      3 * runs["infer", False]["results"][0]["gflop_per_sample"])
+
+
+def test_runs_past_the_time_budget_are_listed_as_skipped(tmp_path):
+  report = gpu_check(tmp_path, "--budget", "0")
+  assert report["runs"] == []
+  assert sorted(report["skipped"]) == sorted(f"{mode}-{precision}-{batch}" for mode in ("train", "infer")
+                                             for precision in ("fp32", "bf16") for batch in (16, 256))
