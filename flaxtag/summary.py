@@ -72,7 +72,7 @@ def hierarchy_for(config: ml_collections.ConfigDict) -> Hierarchy | None:
   coarse parameters)."""
   if config.model.hierarchy_file:
     return load_hierarchy(config.model.hierarchy_file)
-  if config.model.head == heads.FLAT:
+  if not heads.needs_hierarchy(config.model.head):
     return None
   try:
     hierarchy = input_pipeline.dataset_info(config.data.data_dir, config.data.name).hierarchy

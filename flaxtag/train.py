@@ -66,7 +66,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   hierarchy = info.hierarchy
   if config.model.hierarchy_file:
     hierarchy = load_hierarchy(config.model.hierarchy_file, fine_tags=info.tags)
-  if config.model.head != heads.FLAT and hierarchy is None:
+  if heads.needs_hierarchy(config.model.head) and hierarchy is None:
     raise ConfigError(f"model.head={config.model.head!r} needs a tag hierarchy: {config.data.name} has none; set "
                       "model.hierarchy_file to a JSON/YAML file mapping coarse → fine tags.")
   if config.model.num_tags != info.num_tags:
