@@ -1,6 +1,6 @@
 """Training: `train_and_evaluate(config, workdir)` and the thin `python -m flaxtag.train` entry point.
 
-  python -m flaxtag.train --config configs/mtat_spec_att.py --workdir runs/spec_att [--config.train.batch_size=32]
+  python -m flaxtag.train --config configs/mtat.py:spec_att --workdir runs/spec_att [--config.train.batch_size=32]
 
 Every epoch ends with a 16-crop validation and a checkpoint (model, optimizer state, data-iterator state, config,
 metadata); the latest `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
