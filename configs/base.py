@@ -1,11 +1,18 @@
 """Base config: method A's Spec+Att on MagnaTagATune (top-50, clean split), with the paper's recipe.
 
-Experiment files import this and change a few fields. On the command line:
-  --config configs/mtat_spec_att.py --config.model.conv_channels=8
+One file per family of runs (mtat.py, msd.py, synth.py) imports this and takes an argument after a colon, big_vision
+style: a variant of the family and/or `runlocal`, which shrinks the run for a laptop. On the command line:
+  --config configs/mtat.py:raw_cnnl --config.model.conv_channels=8
+  --config configs/synth.py:resatt,runlocal
 """
+from collections.abc import Collection
+
 import ml_collections
 
 from flaxtag import optim
+from flaxtag.errors import ConfigError
+
+RUNLOCAL = "runlocal"
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -52,4 +59,28 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.half_precision = False  # bfloat16 compute on GPU/TPU; parameters stay float32
   config.seed = 0
+  return config
+
+
+def parse_arg(arg: str, variants: Collection[str], default: str) -> tuple[str, bool]:
+  """(variant, runlocal) of a family's argument 'VARIANT', 'VARIANT,runlocal', 'runlocal' or ''; the variant is
+  `default` when none is named."""
+  tokens = [token for token in arg.split(",") if token]
+  named = [token for token in tokens if token != RUNLOCAL]
+  if len(named) > 1 or any(token not in variants for token in named):
+    raise ConfigError(f"bad config argument {arg!r}: valid variants are {list(variants)} (default {default!r}), "
+                      f"optionally followed by ',{RUNLOCAL}' to shrink the run for a laptop")
+  return (named[0] if named else default), RUNLOCAL in tokens
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a run for a laptop's CPU: a small model (c=8, 64 mel bands, a 128-wide encoder of 4 heads; the demo's,
+  which builds on this), batch 8 (one example per device of the tests' 8-device CPU mesh) and 2 epochs."""
+  config.model.conv_channels = 8
+  config.model.features.n_mels = 64
+  config.model.encoder.update(width=128, num_heads=4, mlp_dim=256)
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 8
+  config.train.num_epochs = 2
+  config.train.log_every_steps = 10
   return config

@@ -1,23 +1,19 @@
 """`make demo`: Spec+Att with the GMP head on the synthetic multi-instrument set, sized for a 2-core CPU.
 
-A smaller model than the paper's (c=8, 64 mel bands, a 128-wide encoder) trained for minutes, not days. Choices
-measured on this set (validation fine ROC-AUC by epoch, BENCHMARKS.md): batch 8 learns far faster per epoch than
-batch 32 (four times the updates); Adam with a short warm-up and a cosine decay to 0 at the last epoch; little
-dropout (these short runs underfit, and dropout only slowed them); 64 mel bands learn as fast per epoch as 96 at
-~25 % less time per step; validation every 4 epochs. Everything else is the method of configs/synth.py.
+A smaller model than the paper's (configs/synth.py:gmp,runlocal: c=8, 64 mel bands, a 128-wide encoder) trained for
+minutes, not days. Choices measured on this set (validation fine ROC-AUC by epoch, BENCHMARKS.md): batch 8 learns
+far faster per epoch than batch 32 (four times the updates); Adam with a short warm-up and a cosine decay to 0 at the
+last epoch; little dropout (these short runs underfit, and dropout only slowed them); 64 mel bands learn as fast per
+epoch as 96 at ~25 % less time per step; validation every 4 epochs. Everything else is the method of configs/synth.py.
 """
 from configs import synth
 
 
 def get_config():
-  config = synth.get_config()
+  config = synth.get_config("gmp,runlocal")
   config.data.data_dir = "demo_out/data"
-  config.model.conv_channels = 8
-  config.model.features.n_mels = 64
-  config.model.encoder.update(width=128, num_heads=4, mlp_dim=256, dropout=0.0, attention_dropout=0.0)
+  config.model.encoder.update(dropout=0.0, attention_dropout=0.0)
   config.model.head_dropout = 0.1
-  config.train.batch_size = 8
-  config.train.eval_batch_size = 8
   config.train.num_epochs = 24
   config.train.eval_every_epochs = 4
   config.train.log_every_steps = 25

@@ -1,6 +1,6 @@
 """Import a state_dict of the reference PyTorch implementation of method A into a flaxtag checkpoint.
 
-  python -m flaxtag.convert REF.pth --config configs/mtat_raw_cnnl.py --workdir runs/lee_lee
+  python -m flaxtag.convert REF.pth --config configs/mtat.py:raw_cnnl --workdir runs/lee_lee
 
 The config must describe the same architecture (front-end, back-end, conv_channels, number of tags); every tensor
 of the file must land on a parameter of the model and every parameter must be filled, else nothing is written.

@@ -1,6 +1,6 @@
 """Layer table of the model a config describes: output shape and parameters of every module.
 
-  python -m flaxtag.summary --config configs/mtat_spec_att.py [--config.model.conv_channels=8] [--depth 2]
+  python -m flaxtag.summary --config configs/mtat.py:spec_att [--config.model.conv_channels=8] [--depth 2]
 
 A hierarchical head's size depends on the tag hierarchy, taken as training takes it: `model.hierarchy_file`, else
 the dataset's, from its build or, before it is built, from the file data_prep ships with it.
@@ -72,7 +72,7 @@ def hierarchy_for(config: ml_collections.ConfigDict) -> Hierarchy | None:
   coarse parameters)."""
   if config.model.hierarchy_file:
     return load_hierarchy(config.model.hierarchy_file)
-  if config.model.head == heads.FLAT:
+  if not heads.needs_hierarchy(config.model.head):
     return None
   try:
     hierarchy = input_pipeline.dataset_info(config.data.data_dir, config.data.name).hierarchy

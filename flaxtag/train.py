@@ -1,6 +1,6 @@
 """Training: `train_and_evaluate(config, workdir)` and the thin `python -m flaxtag.train` entry point.
 
-  python -m flaxtag.train --config configs/mtat_spec_att.py --workdir runs/spec_att [--config.train.batch_size=32]
+  python -m flaxtag.train --config configs/mtat.py:spec_att --workdir runs/spec_att [--config.train.batch_size=32]
 
 Every epoch ends with a 16-crop validation and a checkpoint (model, optimizer state, data-iterator state, config,
 metadata); the latest `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
@@ -66,7 +66,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   hierarchy = info.hierarchy
   if config.model.hierarchy_file:
     hierarchy = load_hierarchy(config.model.hierarchy_file, fine_tags=info.tags)
-  if config.model.head != heads.FLAT and hierarchy is None:
+  if heads.needs_hierarchy(config.model.head) and hierarchy is None:
     raise ConfigError(f"model.head={config.model.head!r} needs a tag hierarchy: {config.data.name} has none; set "
                       "model.hierarchy_file to a JSON/YAML file mapping coarse → fine tags.")
   if config.model.num_tags != info.num_tags:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One host, all its devices (GPUs, TPU cores, or the CPU).
-#   launch/local.sh configs/mtat_spec_att.py runs/spec_att [--config.train.batch_size=64 ...]
+#   launch/local.sh configs/mtat.py:spec_att runs/spec_att [--config.train.batch_size=64 ...]
 # On a CPU-only machine, FLAXTAG_CPU_DEVICES=8 splits the CPU into 8 JAX devices (the default mesh of the tests).
 set -euo pipefail
 config=${1:?usage: launch/local.sh CONFIG WORKDIR [--config.key=value ...]}; workdir=${2:?workdir}; shift 2

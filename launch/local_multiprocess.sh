@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several JAX processes on one machine (default 2 × 4 CPU devices), joined through jax.distributed on 127.0.0.1:
 # the same program a multi-host cluster runs, testable on a laptop.
-#   launch/local_multiprocess.sh configs/synth_gmp.py runs/mp [--config.key=value ...]
+#   launch/local_multiprocess.sh configs/synth.py:gmp runs/mp [--config.key=value ...]
 set -euo pipefail
 config=${1:?usage: launch/local_multiprocess.sh CONFIG WORKDIR [--config.key=value ...]}; workdir=${2:?workdir}; shift 2
 processes=${FLAXTAG_PROCESSES:-2}; devices=${FLAXTAG_CPU_DEVICES:-4}; port=${FLAXTAG_PORT:-12355}

@@ -1,5 +1,6 @@
 """How commands report a config file that cannot be used: one `error:` line naming file and line, exit status 2."""
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,13 +46,18 @@ def test_a_bad_config_file_is_one_error_line_naming_file_and_line(tmp_path, comm
 def test_a_missing_config_file_and_a_wrong_get_config_argument(tmp_path):
   done = _run("train", "--config", tmp_path / "nowhere.py", "--workdir", tmp_path / "w")
   assert (done.returncode, done.stderr) == (2, f"error: {tmp_path / 'nowhere.py'}: no such config file\n")
-  done = _run("summary", "--config", "configs/mtat_raw_cnnl.py:small")
+  done = _run("summary", "--config", "configs/demo.py:small")
   assert (done.returncode, done.stderr) == (
-      2, "error: configs/mtat_raw_cnnl.py: TypeError: get_config() takes 0 positional arguments but 1 was given\n")
+      2, "error: configs/demo.py: TypeError: get_config() takes 0 positional arguments but 1 was given\n")
+  done = _run("summary", "--config", "configs/mtat.py:small")
+  assert done.returncode == 2
+  assert re.fullmatch(r"error: configs/mtat\.py:\d+: ConfigError: bad config argument 'small': valid variants are "
+                      r"\['spec_att', 'raw_att', 'spec_cnnp', 'raw_cnnl'\] \(default 'spec_att'\), optionally followed "
+                      r"by ',runlocal' to shrink the run for a laptop\n", done.stderr), done.stderr
 
 
 def test_a_mistyped_override_is_still_a_bad_flag(tmp_path):
-  done = _run("train", "--config", "configs/mtat_raw_cnnl.py", "--config.model.conv_chanels=8", "--workdir",
+  done = _run("train", "--config", "configs/mtat.py:raw_cnnl", "--config.model.conv_chanels=8", "--workdir",
               tmp_path / "w")
   assert done.returncode == 2
   assert done.stderr == ("error: bad command-line flag: 'conv_chanels' Did you mean \"conv_channels\" instead of "

@@ -70,10 +70,15 @@ def test_param_names_and_shapes():
 def test_flat_and_multitask_equal_numpy_dense():
   h, _, _ = _inputs()
   p = _init(heads.MULTITASK)
+  # Biases start at zero: give them values, so that a layer that dropped its bias would fail.
+  rng = np.random.default_rng(1)
+  for layer in ("fine", "coarse"):
+    p[layer]["bias"] = jnp.asarray(rng.normal(size=p[layer]["bias"].shape), jnp.float32)
   out = heads.apply(heads.MULTITASK, p, h, HIER, heads.HeadOptions())
   np.testing.assert_allclose(out.fine_logits, h @ np.asarray(p["fine"]["kernel"]) + np.asarray(p["fine"]["bias"]),
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out.coarse_logits, h @ np.asarray(p["coarse"]["kernel"]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.coarse_logits, h @ np.asarray(p["coarse"]["kernel"]) + np.asarray(p["coarse"]["bias"]),
+                             rtol=1e-5, atol=1e-6)
   flat = heads.apply(heads.FLAT, {"fine": p["fine"]}, h, None)
   assert flat.coarse_logits is None and flat.attention is None
   np.testing.assert_array_equal(flat.fine_logits, out.fine_logits)
@@ -243,7 +248,13 @@ def test_errors():
     heads.init_params(jax.random.key(0), "soft", D, F, HIER)
   with pytest.raises(ConfigError, match="unknown head"):
     heads.apply("soft", {}, jnp.zeros((B, D)), HIER)
-  for name in heads.HIERARCHICAL_HEADS:
+  with pytest.raises(ConfigError, match="unknown head"):
+    heads.loss("soft", heads.HeadOutputs(jnp.zeros((B, F))), jnp.zeros((B, F)), None, HIER)
+  with pytest.raises(ConfigError, match="unknown head"):
+    heads.needs_hierarchy("soft")
+  assert not heads.needs_hierarchy(heads.FLAT)
+  for name in set(heads.HEAD_NAMES) - {heads.FLAT}:
+    assert heads.needs_hierarchy(name)
     with pytest.raises(ConfigError, match="hierarchy file"):
       heads.init_params(jax.random.key(0), name, D, F, None)
   with pytest.raises(ConfigError, match="6 fine tags but the dataset has 7"):

@@ -95,7 +95,7 @@ def test_lee_lee_reference_checkpoint_reproduces_its_outputs(tmp_path):
   workdir = tmp_path / "lee_lee"
   result = subprocess.run(
       [sys.executable, "-m", "flaxtag.convert", str(REFERENCE / "lee_lee_c16.pth"), "--config",
-       str(REPO / "configs" / "mtat_raw_cnnl.py"), "--workdir", str(workdir)],
+       f"{REPO / 'configs' / 'mtat.py'}:raw_cnnl", "--workdir", str(workdir)],
       capture_output=True, text=True, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr
   io = np.load(REFERENCE / "lee_lee_c16_io.npz")
@@ -227,7 +227,7 @@ def test_bad_feature_and_encoder_options_are_config_errors():
 
 
 def test_summary_command_and_a_mistyped_override():
-  base_command = [sys.executable, "-m", "flaxtag.summary", "--config", str(REPO / "configs" / "mtat_raw_cnnl.py")]
+  base_command = [sys.executable, "-m", "flaxtag.summary", "--config", f"{REPO / 'configs' / 'mtat.py'}:raw_cnnl"]
   done = subprocess.run(base_command + ["--depth=1"], capture_output=True, text=True, cwd=REPO, check=False)
   assert done.returncode == 0 and done.stdout.strip().endswith("trainable parameters: 97154")
   done = subprocess.run(base_command + ["--config.model.conv_chanels=8"], capture_output=True, text=True, cwd=REPO,

@@ -63,7 +63,7 @@ def _saved_steps(log: str) -> list[tuple[str, str]]:
 def test_sbatch_two_tasks_requeue_and_scancel_resume_exactly(slurm_cluster, synth_data_dir, sgd_run, tmp_path):
   workdir = tmp_path / "run"
   submit = ["sbatch", "--parsable", "--ntasks=2", str(REPO / "launch" / "slurm.sbatch"),
-            str(REPO / "configs" / "synth_gmp.py"), str(workdir), *config_flags(synth_data_dir, **SGD)]
+            f"{REPO / 'configs' / 'synth.py'}:gmp", str(workdir), *config_flags(synth_data_dir, **SGD)]
   # As a user would: the project's environment active, 4 CPU devices per task.
   env = {**os.environ, "FLAXTAG_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu",
          "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}

@@ -26,6 +26,8 @@ def test_every_variant_is_a_valid_model_with_its_overrides(variant):
   model = tagger.build_model(config.model, hierarchy)
   assert model.head == config.model.head
   assert model.head in heads.HEAD_NAMES
+  params = tagger.abstract_variables(model)["params"]  # jax.eval_shape: shapes that do not fit fail here
+  assert params["head"]["fine"]["kernel"].shape[-1] == hierarchy.num_fine
 
 
 def test_resatt_variants_are_distinct_and_the_default_is_one_of_them():

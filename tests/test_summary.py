@@ -18,19 +18,16 @@ import reference_numpy
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
 HIERARCHY = load_hierarchy(REPO / "data_prep" / "synth_instruments" / "hierarchy.json")
-# name → (front-end, back-end, the reference's architecture in the layout file, its config file)
-MODELS = {"spec_att": ("spec", "attention", "pons_won", "mtat_spec_att"),
-          "raw_att": ("raw", "attention", "lee_won", "mtat_raw_att"),
-          "spec_cnnp": ("spec", "cnn_p", "pons_pons", "mtat_spec_cnnp"),
-          "raw_cnnl": ("raw", "cnn_l", "lee_lee", "mtat_raw_cnnl")}
-# head → its config file (Spec+Att on the synthetic instruments, whose hierarchy data_prep ships)
-HEAD_CONFIGS = {"flat": "synth_flat", "multitask": "synth_multitask", "multitask_hloss": "synth_multitask_hloss",
-                "top_down": "synth_top_down", "gmp": "synth", "resatt": "synth_resatt"}
+# name (its variant of configs/mtat.py) → (front-end, back-end, the reference's architecture in the layout file)
+MODELS = {"spec_att": ("spec", "attention", "pons_won"),
+          "raw_att": ("raw", "attention", "lee_won"),
+          "spec_cnnp": ("spec", "cnn_p", "pons_pons"),
+          "raw_cnnl": ("raw", "cnn_l", "lee_lee")}
 EMBEDDING = {"attention": 512, "cnn_p": 500, "cnn_l": 512}  # SPEC §3
 
 
 def build(model_name, head, num_tags):
-  frontend, backend, _, _ = MODELS[model_name]
+  frontend, backend, _ = MODELS[model_name]
   config = base.get_config()
   config.model.update(frontend=frontend, backend=backend, head=head, num_tags=num_tags)
   return tagger.build_model(config.model, HIERARCHY if head != heads.FLAT else None)
@@ -79,7 +76,7 @@ def test_summary_rows_and_totals(model_name, head):
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_summary_command_counts_the_reference_models(model_name):
   """The real command on each model's config: the reference state_dict's parameters and running statistics."""
-  config = REPO / "configs" / f"{MODELS[model_name][3]}.py"
+  config = REPO / "configs" / f"mtat.py:{model_name}"
   done = subprocess.run([sys.executable, "-m", "flaxtag.summary", "--config", str(config)], capture_output=True,
                         text=True, cwd=REPO, check=False)
   assert done.returncode == 0, done.stderr
@@ -88,8 +85,8 @@ def test_summary_command_counts_the_reference_models(model_name):
 
 @pytest.mark.parametrize("head", heads.HEAD_NAMES)
 def test_summary_command_for_every_head(head, tmp_path):
-  """Without the dataset built: the hierarchy is the one data_prep ships for it."""
-  config = REPO / "configs" / f"{HEAD_CONFIGS[head]}.py"
+  """Spec+Att on the synthetic instruments without the dataset built: the hierarchy is the one data_prep ships."""
+  config = REPO / "configs" / f"synth.py:{head}"
   done = subprocess.run([sys.executable, "-m", "flaxtag.summary", "--config", str(config), "--depth=1",
                          f"--config.data.data_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, check=False)
   assert done.returncode == 0, done.stderr

@@ -214,7 +214,7 @@ def test_convert_reports_a_lying_file_in_one_line(tmp_path):
   write_state_dict(path, {"front_end.init_conv.conv.weight": _lie(size=(4,), stride=(100_000_000,))},
                    {"0": FLOATS.tobytes()})
   done = subprocess.run([sys.executable, "-m", "flaxtag.convert", str(path), "--config",
-                         str(REPO / "configs" / "mtat_raw_cnnl.py"), "--workdir", str(tmp_path / "w")],
+                         f"{REPO / 'configs' / 'mtat.py'}:raw_cnnl", "--workdir", str(tmp_path / "w")],
                         capture_output=True, text=True, cwd=REPO, check=False)
   assert done.returncode == 2, done.stderr
   assert done.stderr.splitlines() == [

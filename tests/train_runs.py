@@ -40,7 +40,7 @@ def config_flags(data_dir, **extra) -> list[str]:
 
 
 def train_command(data_dir, workdir, *extra_flags, **extra):
-  return [sys.executable, "-m", "flaxtag.train", "--config", str(REPO / "configs" / "synth_gmp.py"),
+  return [sys.executable, "-m", "flaxtag.train", "--config", f"{REPO / 'configs' / 'synth.py'}:gmp",
           "--workdir", str(workdir), *config_flags(data_dir, **extra), *extra_flags]
 
 

@@ -4,7 +4,7 @@ A head maps the clip embedding h (B, D) and its own parameters (a nested dict of
 coarse logits (B, C). Whatever the head, a "logit" is the logit of that head's probability, so every level is
 trained with BCE-with-logits and probabilities are always sigmoid(logits).
 
-Heads (`HEAD_NAMES`):
+Heads (`HEADS`, the registry at the end of this module: adding a head is adding an entry there):
   flat             fine only; coarse by the max rule after training (`derive_coarse_logits`). Needs no hierarchy.
   multitask        independent coarse classifier z_c = h W_c + b_c.
   multitask_hloss  multitask + λ_h·mean(max(0, P_f − P_c[parent])²).
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -38,8 +38,6 @@ MULTITASK_HLOSS = "multitask_hloss"
 TOP_DOWN = "top_down"
 GMP = "gmp"
 RESATT = "resatt"
-HEAD_NAMES = (FLAT, MULTITASK, MULTITASK_HLOSS, TOP_DOWN, GMP, RESATT)
-HIERARCHICAL_HEADS = HEAD_NAMES[1:]
 
 RESATT_BASES = ("direct", "gmp")
 RESATT_ATTENTIONS = ("softmax", "sigmoid")
@@ -117,12 +115,19 @@ class HeadOptions:
     return cls(**d)
 
 
-def _check(name: str, hierarchy: Hierarchy | None) -> None:
-  if name not in HEAD_NAMES:
-    raise ConfigError(f"unknown head {name!r}; valid heads are {list(HEAD_NAMES)}")
-  if name in HIERARCHICAL_HEADS and hierarchy is None:
+def needs_hierarchy(name: str) -> bool:
+  """Whether head `name` computes coarse logits of its own, and so needs a coarse→fine hierarchy to be built."""
+  if name not in HEADS:
+    raise ConfigError(f"unknown head {name!r}; valid heads are {list(HEADS)}")
+  return HEADS[name].coarse_logits
+
+
+def _check(name: str, hierarchy: Hierarchy | None) -> Head:
+  """The registry entry of head `name`, after checking that the head exists and has the hierarchy it needs."""
+  if needs_hierarchy(name) and hierarchy is None:
     raise ConfigError(
         f"head {name!r} needs a coarse→fine tag hierarchy; give a hierarchy file, or use the {FLAT!r} head")
+  return HEADS[name]
 
 
 def _dense_init(rng, in_dim: int, out_dim: int) -> Params:
@@ -134,32 +139,52 @@ def _dense(params: Params, x: jax.Array) -> jax.Array:
   return x @ params["kernel"] + params["bias"]
 
 
-def _has_direct_coarse(name: str, options: HeadOptions) -> bool:
-  return name in (MULTITASK, MULTITASK_HLOSS, TOP_DOWN) or (name == RESATT and options.resatt_base == "direct")
+class _InitKeys(NamedTuple):
+  fine: jax.Array
+  coarse: jax.Array
+  queries: jax.Array
+  keys: jax.Array
+  query_shift: jax.Array
+  key_shift: jax.Array
+
+
+def _split(rng: jax.Array) -> _InitKeys:
+  """The key of each parameter group. One split for every head, so that a group starts the same in all heads."""
+  return _InitKeys(*jax.random.split(rng, len(_InitKeys._fields)))
+
+
+def _init_fine(rng, embed_dim: int, num_fine: int, hierarchy: Hierarchy | None, options: HeadOptions) -> Params:
+  del hierarchy, options  # unused
+  return {"fine": _dense_init(_split(rng).fine, embed_dim, num_fine)}
+
+
+def _init_fine_and_coarse(rng, embed_dim: int, num_fine: int, hierarchy: Hierarchy, options: HeadOptions) -> Params:
+  return {**_init_fine(rng, embed_dim, num_fine, hierarchy, options),
+          "coarse": _dense_init(_split(rng).coarse, embed_dim, hierarchy.num_coarse)}
+
+
+def _init_resatt(rng, embed_dim: int, num_fine: int, hierarchy: Hierarchy, options: HeadOptions) -> Params:
+  base_init = _init_fine_and_coarse if options.resatt_base == "direct" else _init_fine
+  params = base_init(rng, embed_dim, num_fine, hierarchy, options)
+  keys, d = _split(rng), options.resatt_dim
+  # Unit-variance queries and keys give Q Kᵀ/√d of unit variance: a soft, not yet decided, initial map.
+  normal = jax.nn.initializers.normal(stddev=1.0)
+  resatt = {"queries": normal(keys.queries, (hierarchy.num_coarse, d), jnp.float32),
+            "keys": normal(keys.keys, (num_fine, d), jnp.float32),
+            "lambda": jnp.asarray(options.resatt_lambda_init, jnp.float32)}
+  if options.resatt_input_dependent:
+    resatt["query_shift"] = _dense_init(keys.query_shift, embed_dim, d)
+    resatt["key_shift"] = _dense_init(keys.key_shift, embed_dim, d)
+  return {**params, "resatt": resatt}
 
 
 def init_params(rng: jax.Array, name: str, embed_dim: int, num_fine: int, hierarchy: Hierarchy | None,
                 options: HeadOptions = HeadOptions()) -> Params:
   """Initial parameters of head `name`; `rng` is the only traced input (usable as a Flax `self.param` init)."""
-  _check(name, hierarchy)
+  head = _check(name, hierarchy)
   if hierarchy is not None and hierarchy.num_fine != num_fine:
     raise ConfigError(f"the hierarchy has {hierarchy.num_fine} fine tags but the dataset has {num_fine}")
-  k_fine, k_coarse, k_q, k_k, k_qs, k_ks = jax.random.split(rng, 6)
-  params = {"fine": _dense_init(k_fine, embed_dim, num_fine)}
-  if _has_direct_coarse(name, options):
-    params["coarse"] = _dense_init(k_coarse, embed_dim, hierarchy.num_coarse)
-  if name == RESATT:
-    d = options.resatt_dim
-    # Unit-variance queries and keys give Q Kᵀ/√d of unit variance: a soft, not yet decided, initial map.
-    normal = jax.nn.initializers.normal(stddev=1.0)
-    resatt = {"queries": normal(k_q, (hierarchy.num_coarse, d), jnp.float32),
-              "keys": normal(k_k, (num_fine, d), jnp.float32),
-              "lambda": jnp.asarray(options.resatt_lambda_init, jnp.float32)}
-    if options.resatt_input_dependent:
-      resatt["query_shift"] = _dense_init(k_qs, embed_dim, d)
-      resatt["key_shift"] = _dense_init(k_ks, embed_dim, d)
-    params["resatt"] = resatt
-  return params
+  return head.init(rng, embed_dim, num_fine, hierarchy, options)
 
 
 def grouped_max(fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Array:
@@ -205,29 +230,46 @@ def _resatt_attention(params: Params, embedding: jax.Array, hierarchy: Hierarchy
   return attention * jnp.asarray(hierarchy.mask, attention.dtype) if options.resatt_masked else attention
 
 
-def apply(name: str, params: Params, embedding: jax.Array, hierarchy: Hierarchy | None,
-          options: HeadOptions = HeadOptions()) -> HeadOutputs:
-  """Fine and coarse logits of head `name` for embeddings (B, D)."""
-  _check(name, hierarchy)
+def _apply_flat(params: Params, embedding: jax.Array, hierarchy: Hierarchy | None,
+                options: HeadOptions) -> HeadOutputs:
+  del hierarchy, options  # unused
+  return HeadOutputs(_dense(params["fine"], embedding))
+
+
+def _apply_multitask(params: Params, embedding: jax.Array, hierarchy: Hierarchy,
+                     options: HeadOptions) -> HeadOutputs:
+  del hierarchy, options  # unused
+  return HeadOutputs(_dense(params["fine"], embedding), _dense(params["coarse"], embedding))
+
+
+def _apply_top_down(params: Params, embedding: jax.Array, hierarchy: Hierarchy,
+                    options: HeadOptions) -> HeadOutputs:
+  del options  # unused
+  coarse = _dense(params["coarse"], embedding)
+  return HeadOutputs(_top_down_fine_logits(coarse, _dense(params["fine"], embedding), hierarchy), coarse)
+
+
+def _apply_gmp(params: Params, embedding: jax.Array, hierarchy: Hierarchy, options: HeadOptions) -> HeadOutputs:
+  del options  # unused
   fine = _dense(params["fine"], embedding)
-  if name == FLAT:
-    return HeadOutputs(fine)
-  if name in (MULTITASK, MULTITASK_HLOSS):
-    return HeadOutputs(fine, _dense(params["coarse"], embedding))
-  if name == TOP_DOWN:
-    coarse = _dense(params["coarse"], embedding)
-    return HeadOutputs(_top_down_fine_logits(coarse, fine, hierarchy), coarse)
-  if name == GMP:
-    coarse = grouped_max(fine, hierarchy)
-    picked = jnp.where(jnp.asarray(hierarchy.mask, bool), fine[:, None, :], -jnp.inf)
-    one_hot = jax.nn.one_hot(jnp.argmax(picked, axis=-1), hierarchy.num_fine, dtype=fine.dtype)
-    return HeadOutputs(fine, coarse, jax.lax.stop_gradient(one_hot))
-  # RESATT
+  picked = jnp.where(jnp.asarray(hierarchy.mask, bool), fine[:, None, :], -jnp.inf)
+  one_hot = jax.nn.one_hot(jnp.argmax(picked, axis=-1), hierarchy.num_fine, dtype=fine.dtype)
+  return HeadOutputs(fine, grouped_max(fine, hierarchy), jax.lax.stop_gradient(one_hot))
+
+
+def _apply_resatt(params: Params, embedding: jax.Array, hierarchy: Hierarchy, options: HeadOptions) -> HeadOutputs:
+  fine = _dense(params["fine"], embedding)
   resatt = params["resatt"]
   attention = _resatt_attention(resatt, embedding, hierarchy, options)
   base = _dense(params["coarse"], embedding) if options.resatt_base == "direct" else grouped_max(fine, hierarchy)
   coarse = base + resatt["lambda"] * jnp.einsum("bcf,bf->bc", attention, fine)
   return HeadOutputs(fine, coarse, attention)
+
+
+def apply(name: str, params: Params, embedding: jax.Array, hierarchy: Hierarchy | None,
+          options: HeadOptions = HeadOptions()) -> HeadOutputs:
+  """Fine and coarse logits of head `name` for embeddings (B, D)."""
+  return _check(name, hierarchy).apply(params, embedding, hierarchy, options)
 
 
 def _mean(per_entry: jax.Array, example_weights: jax.Array | None) -> jax.Array:
@@ -241,6 +283,33 @@ def _mean(per_entry: jax.Array, example_weights: jax.Array | None) -> jax.Array:
 def _bce(logits: jax.Array, targets: jax.Array, example_weights: jax.Array | None) -> jax.Array:
   """BCE with logits, softplus(z) − y·z: stable for any z."""
   return _mean(jax.nn.softplus(logits) - targets * logits, example_weights)
+
+
+def _fine_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array | None,
+               hierarchy: Hierarchy | None, options: HeadOptions,
+               example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  del coarse_targets, hierarchy, options  # unused
+  parts = {"fine_bce": _bce(outputs.fine_logits, fine_targets, example_weights)}
+  return parts["fine_bce"], parts
+
+
+def _two_level_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array,
+                    hierarchy: Hierarchy, options: HeadOptions,
+                    example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  total, parts = _fine_loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
+  parts["coarse_bce"] = _bce(outputs.coarse_logits, coarse_targets, example_weights)
+  return total + options.coarse_weight * parts["coarse_bce"], parts
+
+
+def _hierarchy_penalty_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array,
+                            hierarchy: Hierarchy, options: HeadOptions,
+                            example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The two BCEs plus λ_h·mean(max(0, P_f − P_c[parent])²)."""
+  total, parts = _two_level_loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
+  fine_probs = jax.nn.sigmoid(outputs.fine_logits)
+  parent_probs = jax.nn.sigmoid(outputs.coarse_logits)[..., jnp.asarray(hierarchy.parent)]
+  parts["hierarchy"] = _mean(jnp.square(jax.nn.relu(fine_probs - parent_probs)), example_weights)
+  return total + options.hierarchy_loss_weight * parts["hierarchy"], parts
 
 
 def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array | None,
@@ -258,20 +327,38 @@ def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_target
   Returns:
     (total, parts) with parts `fine_bce`, and, where the head has them, `coarse_bce` and `hierarchy`.
   """
-  _check(name, hierarchy)
+  head = _check(name, hierarchy)
   fine_targets = jnp.asarray(fine_targets, outputs.fine_logits.dtype)
-  parts = {"fine_bce": _bce(outputs.fine_logits, fine_targets, example_weights)}
-  total = parts["fine_bce"]
-  if name == FLAT:
-    return total, parts
-  if coarse_targets is None:
-    coarse_targets = grouped_max(fine_targets, hierarchy)
-  coarse_targets = jnp.asarray(coarse_targets, outputs.coarse_logits.dtype)
-  parts["coarse_bce"] = _bce(outputs.coarse_logits, coarse_targets, example_weights)
-  total = total + options.coarse_weight * parts["coarse_bce"]
-  if name == MULTITASK_HLOSS:
-    fine_probs = jax.nn.sigmoid(outputs.fine_logits)
-    parent_probs = jax.nn.sigmoid(outputs.coarse_logits)[..., jnp.asarray(hierarchy.parent)]
-    parts["hierarchy"] = _mean(jnp.square(jax.nn.relu(fine_probs - parent_probs)), example_weights)
-    total = total + options.hierarchy_loss_weight * parts["hierarchy"]
-  return total, parts
+  if head.coarse_logits:
+    if coarse_targets is None:
+      coarse_targets = grouped_max(fine_targets, hierarchy)
+    coarse_targets = jnp.asarray(coarse_targets, outputs.coarse_logits.dtype)
+  return head.loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
+
+
+class Head(NamedTuple):
+  """A head, as the functions `init_params`, `apply` and `loss` call for it.
+
+  init(rng, embed_dim, num_fine, hierarchy, options) → parameters.
+  apply(params, embedding, hierarchy, options) → HeadOutputs.
+  loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights) → (total, parts); the targets
+    come in the logits' dtype, the coarse ones already derived where the head has coarse logits.
+  coarse_logits: whether the head computes coarse logits of its own, trained by a coarse BCE; such a head needs a
+    hierarchy. Without: coarse outputs by the max rule after training (`derive_coarse_logits`).
+  """
+  init: Callable[..., Params]
+  apply: Callable[..., HeadOutputs]
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  coarse_logits: bool
+
+
+# Every head by name; adding a head is adding an entry.
+HEADS: dict[str, Head] = {
+    FLAT: Head(_init_fine, _apply_flat, _fine_loss, coarse_logits=False),
+    MULTITASK: Head(_init_fine_and_coarse, _apply_multitask, _two_level_loss, coarse_logits=True),
+    MULTITASK_HLOSS: Head(_init_fine_and_coarse, _apply_multitask, _hierarchy_penalty_loss, coarse_logits=True),
+    TOP_DOWN: Head(_init_fine_and_coarse, _apply_top_down, _two_level_loss, coarse_logits=True),
+    GMP: Head(_init_fine, _apply_gmp, _two_level_loss, coarse_logits=True),
+    RESATT: Head(_init_resatt, _apply_resatt, _two_level_loss, coarse_logits=True),
+}
+HEAD_NAMES = tuple(HEADS)

@@ -1,8 +1,0 @@
-"""MSD top-50 (201,680 / 11,774 / 28,435 tracks), the same model and recipe as mtat_spec_att."""
-from configs import mtat_spec_att
-
-
-def get_config():
-  config = mtat_spec_att.get_config()
-  config.data.name = "msd"
-  return config

@@ -1,8 +1,0 @@
-"""Synthetic multi-instrument set, Spec+Att with the 'gmp' head (see configs/synth.py)."""
-from configs import synth
-
-
-def get_config():
-  config = synth.get_config()
-  config.model.head = "gmp"
-  return config
