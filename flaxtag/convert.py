@@ -35,8 +35,47 @@ def _conv_bn(torch_prefix, flax_path, conv="conv", bn="bn"):
   return [Rule(f"{torch_prefix}.{conv}", (*flax_path, "conv"), "conv"), Rule(f"{torch_prefix}.{bn}", (*flax_path, "bn"), "bn")]
 
 
+def _attention_rules(model: tagger.MusicTagger) -> list[Rule]:
+  rules = []
+  for layer in range(model.encoder.num_layers):
+    src, dst = f"back_end.encoder.layer.{layer}", ("backend", f"layer_{layer}")
+    rules += [Rule(f"{src}.attention.self", (*dst, "qkv"), "qkv"),
+              Rule(f"{src}.attention.output.dense", (*dst, "attention_out"), "dense"),
+              Rule(f"{src}.attention.output.LayerNorm", (*dst, "attention_norm"), "ln"),
+              Rule(f"{src}.intermediate.dense", (*dst, "mlp_in"), "dense"),
+              Rule(f"{src}.output.dense", (*dst, "mlp_out"), "dense"),
+              Rule(f"{src}.output.LayerNorm", (*dst, "mlp_norm"), "ln")]
+  return rules + [Rule("back_end.pooler.dense", ("backend", "pooler"), "dense")]
+
+
+def _pons_rules(model: tagger.MusicTagger) -> list[Rule]:
+  del model  # one layout whatever the config
+  rules = []
+  for i in range(3):
+    rules += [Rule(f"back_end.conv{i + 1}", ("backend", f"conv_{i}", "conv"), "conv"),
+              Rule(f"back_end.bn{i + 1}", ("backend", f"conv_{i}", "bn"), "bn")]
+  return rules + [Rule("back_end.dense", ("backend", "dense"), "dense"),
+                  Rule("back_end.bn4", ("backend", "dense_bn"), "bn")]
+
+
+def _sample_rules(model: tagger.MusicTagger) -> list[Rule]:
+  del model  # one layout whatever the config
+  # The reference keeps all nine blocks and the 1×1 conv in its front_end.
+  rules = [r for i in range(4, 9) for r in _conv_bn(f"front_end.convs.{i}", ("backend", f"block_{i}"))]
+  return rules + _conv_bn("front_end.conv1x1", ("backend", "projection"))
+
+
+# The reference implementation's layout of each of its back-ends (`backends.BACKENDS` names); a back-end it does not
+# have has no entry, and cannot be converted.
+BACKEND_RULES = {"attention": _attention_rules, "cnn_p": _pons_rules, "cnn_l": _sample_rules}
+
+
 def reference_rules(model: tagger.MusicTagger) -> list[Rule]:
   """How each module of the reference implementation maps onto this model's variables."""
+  if model.backend not in BACKEND_RULES:
+    raise CheckpointError(f"the reference implementation has no {model.backend!r} back-end; it has "
+                          f"{sorted(BACKEND_RULES)}.")
+  projected = tagger.has_attention(model)  # the front-end's 1×1 conv to the encoder's width
   rules = []
   if model.frontend == "spec":
     rules.append(Rule("front_end.input_bn", ("frontend", "input_bn"), "bn"))
@@ -45,33 +84,15 @@ def reference_rules(model: tagger.MusicTagger) -> list[Rule]:
                 Rule(f"front_end.layers.{i}.bn", ("frontend", f"timbre_{i}", "bn"), "bn")]
     for i in range(4):
       rules += _conv_bn(f"front_end.layers.{i + 6}", ("frontend", f"temporal_{i}"))
-    if model.backend == "attention":
+    if projected:
       rules += [Rule("front_end.conv1x1", ("frontend", "projection", "conv"), "conv"),
                 Rule("front_end.bn", ("frontend", "projection", "bn"), "bn")]
   else:
     rules += _conv_bn("front_end.init_conv", ("frontend", "init_conv"))
     rules += [r for i in range(4) for r in _conv_bn(f"front_end.convs.{i}", ("frontend", f"block_{i}"))]
-    if model.backend == "attention":
+    if projected:
       rules += _conv_bn("front_end.conv1x1", ("frontend", "projection"))
-
-  if model.backend == "attention":
-    for layer in range(model.encoder.num_layers):
-      src, dst = f"back_end.encoder.layer.{layer}", ("backend", f"layer_{layer}")
-      rules += [Rule(f"{src}.attention.self", (*dst, "qkv"), "qkv"),
-                Rule(f"{src}.attention.output.dense", (*dst, "attention_out"), "dense"),
-                Rule(f"{src}.attention.output.LayerNorm", (*dst, "attention_norm"), "ln"),
-                Rule(f"{src}.intermediate.dense", (*dst, "mlp_in"), "dense"),
-                Rule(f"{src}.output.dense", (*dst, "mlp_out"), "dense"),
-                Rule(f"{src}.output.LayerNorm", (*dst, "mlp_norm"), "ln")]
-    rules.append(Rule("back_end.pooler.dense", ("backend", "pooler"), "dense"))
-  elif model.backend == "cnn_p":
-    for i in range(3):
-      rules += [Rule(f"back_end.conv{i + 1}", ("backend", f"conv_{i}", "conv"), "conv"),
-                Rule(f"back_end.bn{i + 1}", ("backend", f"conv_{i}", "bn"), "bn")]
-    rules += [Rule("back_end.dense", ("backend", "dense"), "dense"), Rule("back_end.bn4", ("backend", "dense_bn"), "bn")]
-  else:  # cnn_l: the reference keeps all nine blocks and the 1×1 conv in its front_end.
-    rules += [r for i in range(4, 9) for r in _conv_bn(f"front_end.convs.{i}", ("backend", f"block_{i}"))]
-    rules += _conv_bn("front_end.conv1x1", ("backend", "projection"))
+  rules += BACKEND_RULES[model.backend](model)
   rules.append(Rule("classifier", ("head", "fine"), "dense"))
   return rules
 

@@ -160,7 +160,7 @@ def explain(tagger: Tagger, waveform: np.ndarray, tags=None, offset_seconds: flo
   cls_row = last[:, 0, :].sum(axis=0)
   received = first.sum(axis=(0, 1))
   contribution, contribution_coarse = contribution_map(tagger, crop, last.shape[-1], chunk_size)
-  resatt = seen.head_attention[0] if tagger.model.head == heads.RESATT else None
+  resatt = seen.head_attention[0] if heads.HEADS[tagger.model.head].learned_map else None
 
   sr, mel = tagger.sample_rate, tagger.model.mel
   spectrogram = np.asarray(audio.log_mel_spectrogram(crop[None], mel))[0]

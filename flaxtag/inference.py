@@ -162,7 +162,7 @@ class Tagger:
 
   @property
   def has_attention(self) -> bool:
-    return self.model.backend == "attention"
+    return tagger.has_attention(self.model)
 
   @property
   def sample_rate(self) -> int:

@@ -2,10 +2,15 @@
 
 `AttentionBackEnd`: a BERT-style post-LayerNorm Transformer encoder with a [CLS] token (the proposed back-end).
 `PonsBackEnd` (CNN P) and `SampleBackEnd` (CNN L): the CNN back-ends it is compared with.
+
+`BACKENDS`, the registry at the end of this module, maps `config.model.backend` to its module and what the rest of
+flaxtag asks of it (which front-ends it follows, whether it has attention maps): adding a back-end is adding an
+entry there.
 """
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -165,3 +170,29 @@ class SampleBackEnd(nn.Module):
           x, train)
     x = ConvBlock(self.embed_dim, 1, dtype=self.dtype, name="projection")(x, train)
     return jnp.max(x, axis=1)
+
+
+class BackEnd(NamedTuple):
+  """A back-end, as `tagger.MusicTagger` builds it and the tagging tools ask about it.
+
+  build(conv_channels, encoder, dtype, name) → the flax module, called as module(features, train) or, with
+    `attention`, module(features, train, forced_attention).
+  frontends: the front-ends it follows (`config.model.frontend`).
+  attention: whether it has self-attention: the front-end then projects its features to the encoder's width, the
+    layers sow their attention probabilities, attention can be forced (SPEC §8), and `flaxtag.explain` has maps to
+    show.
+  """
+  build: Callable[..., nn.Module]
+  frontends: tuple[str, ...]
+  attention: bool
+
+
+# Every back-end by name; adding a back-end is adding an entry.
+BACKENDS: dict[str, BackEnd] = {
+    "attention": BackEnd(lambda conv_channels, encoder, dtype, name: AttentionBackEnd(encoder, dtype=dtype, name=name),
+                         frontends=("spec", "raw"), attention=True),
+    "cnn_p": BackEnd(lambda conv_channels, encoder, dtype, name: PonsBackEnd(dtype=dtype, name=name),
+                     frontends=("spec",), attention=False),
+    "cnn_l": BackEnd(lambda conv_channels, encoder, dtype, name: SampleBackEnd(conv_channels, dtype=dtype, name=name),
+                     frontends=("raw",), attention=False),
+}

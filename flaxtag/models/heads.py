@@ -345,11 +345,14 @@ class Head(NamedTuple):
     come in the logits' dtype, the coarse ones already derived where the head has coarse logits.
   coarse_logits: whether the head computes coarse logits of its own, trained by a coarse BCE; such a head needs a
     hierarchy. Without: coarse outputs by the max rule after training (`derive_coarse_logits`).
+  learned_map: whether `HeadOutputs.attention` is a learned coarse × fine map, which `flaxtag.explain` plots (GMP's
+    one-hot argmax map only restates the hierarchy).
   """
   init: Callable[..., Params]
   apply: Callable[..., HeadOutputs]
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   coarse_logits: bool
+  learned_map: bool = False
 
 
 # Every head by name; adding a head is adding an entry.
@@ -359,6 +362,6 @@ HEADS: dict[str, Head] = {
     MULTITASK_HLOSS: Head(_init_fine_and_coarse, _apply_multitask, _hierarchy_penalty_loss, coarse_logits=True),
     TOP_DOWN: Head(_init_fine_and_coarse, _apply_top_down, _two_level_loss, coarse_logits=True),
     GMP: Head(_init_fine, _apply_gmp, _two_level_loss, coarse_logits=True),
-    RESATT: Head(_init_resatt, _apply_resatt, _two_level_loss, coarse_logits=True),
+    RESATT: Head(_init_resatt, _apply_resatt, _two_level_loss, coarse_logits=True, learned_map=True),
 }
 HEAD_NAMES = tuple(HEADS)

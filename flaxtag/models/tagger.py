@@ -13,7 +13,6 @@ from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import backends, frontends, heads, layers
 
 FRONTENDS = ("spec", "raw")
-BACKENDS = {"spec": ("attention", "cnn_p"), "raw": ("attention", "cnn_l")}
 
 
 class MusicTagger(nn.Module):
@@ -32,22 +31,21 @@ class MusicTagger(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, forced_attention=None) -> heads.HeadOutputs:
-    attention = self.backend == "attention"
-    projection = self.encoder.width if attention else None
+    backend = backends.BACKENDS[self.backend]
+    projection = self.encoder.width if backend.attention else None
     if self.frontend == "spec":
       features = frontends.SpecFrontEnd(self.conv_channels, self.mel, projection, dtype=self.dtype, name="frontend")
     else:
       features = frontends.SampleFrontEnd(self.conv_channels, projection_dim=projection, dtype=self.dtype,
                                           name="frontend")
     x = features(x, train)
-    if attention:
-      x = backends.AttentionBackEnd(self.encoder, dtype=self.dtype, name="backend")(x, train, forced_attention)
+    embed = backend.build(self.conv_channels, self.encoder, self.dtype, name="backend")
+    if backend.attention:
+      x = embed(x, train, forced_attention)
     elif forced_attention is not None:
       raise ConfigError(f"the {self.backend} back-end has no attention to force.")
-    elif self.backend == "cnn_p":
-      x = backends.PonsBackEnd(dtype=self.dtype, name="backend")(x, train)
     else:
-      x = backends.SampleBackEnd(self.conv_channels, dtype=self.dtype, name="backend")(x, train)
+      x = embed(x, train)
     x = layers.Dropout(self.head_dropout)(x, deterministic=not train).astype(jnp.float32)
     head_params = self.param(
         "head", lambda rng: heads.init_params(rng, self.head, x.shape[-1], self.num_tags, self.hierarchy,
@@ -72,12 +70,12 @@ def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | 
   cfg = model_config
   if cfg.frontend not in FRONTENDS:
     raise ConfigError(f"model.frontend={cfg.frontend!r}: valid front-ends are {list(FRONTENDS)}.")
-  if cfg.backend not in BACKENDS[cfg.frontend]:
-    valid = sorted({b for bs in BACKENDS.values() for b in bs})
-    if cfg.backend not in valid:
-      raise ConfigError(f"model.backend={cfg.backend!r}: valid back-ends are {valid}.")
+  if cfg.backend not in backends.BACKENDS:
+    raise ConfigError(f"model.backend={cfg.backend!r}: valid back-ends are {sorted(backends.BACKENDS)}.")
+  if cfg.frontend not in backends.BACKENDS[cfg.backend].frontends:
+    following = [name for name, backend in backends.BACKENDS.items() if cfg.frontend in backend.frontends]
     raise ConfigError(f"model.backend={cfg.backend!r} does not follow the {cfg.frontend!r} front-end; "
-                      f"it takes {list(BACKENDS[cfg.frontend])}.")
+                      f"it takes {following}.")
   if cfg.conv_channels < 1 or cfg.num_tags < 1:
     raise ConfigError(f"model.conv_channels and model.num_tags must be positive, got {cfg.conv_channels} and "
                       f"{cfg.num_tags}.")
@@ -94,6 +92,11 @@ def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | 
       head_dropout=cfg.head_dropout,
       dtype=jnp.bfloat16 if half_precision else jnp.float32,
   )
+
+
+def has_attention(model: MusicTagger) -> bool:
+  """Whether the model's back-end has self-attention (maps to show, attention to force)."""
+  return backends.BACKENDS[model.backend].attention
 
 
 def crop_samples(model: MusicTagger) -> int:
