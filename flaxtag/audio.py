@@ -239,15 +239,6 @@ def from_int16(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, np.float32) * INT16_SCALE
 
 
-EVAL_CROPS = 16  # SPEC §1: crops per clip in evaluation, their sigmoid outputs averaged.
-
-
-def eval_crop_offsets(num_samples: int, crop_len: int, num_crops: int = EVAL_CROPS) -> np.ndarray:
-  """Starts of the evaluation crops of a clip: k · ((L − crop) // num_crops) for k < num_crops (SPEC §1); all 0
-  for a clip no longer than a crop."""
-  return (max(num_samples - crop_len, 0) // num_crops) * np.arange(num_crops)
-
-
 def check_clip(waveform: np.ndarray,
                min_samples: int,
                path: Optional[PathLike] = None,

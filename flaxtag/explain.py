@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from flaxtag import audio, cli, inference
+from flaxtag import audio, cli, crops, inference
 from flaxtag.errors import FlaxtagError
 from flaxtag.inference import Tagger
 from flaxtag.models import heads
@@ -114,14 +114,12 @@ def refuse_without_attention(tagger: Tagger, workdir=None):
 def select_crop(tagger: Tagger, waveform: np.ndarray, offset_seconds: float | None = None) -> tuple[np.ndarray, int]:
   """(crop, start sample): at `offset_seconds` (kept inside the file), else the loudest evaluation crop."""
   if offset_seconds is None:
-    offsets = tagger.crop_offsets(len(waveform))
-    crops = tagger.cut_crops(waveform, offsets)
-    start = int(offsets[np.argmax(np.sqrt(np.mean(crops**2, axis=1)))])
+    start = crops.loudest_offset(waveform, tagger.crop_samples)
   else:
     if offset_seconds < 0:
       raise ExplainError(f"--offset_seconds must be >= 0, got {offset_seconds}.")
     start = min(int(round(offset_seconds * tagger.sample_rate)), max(len(waveform) - tagger.crop_samples, 0))
-  return tagger.cut_crops(waveform, np.array([start]))[0], start
+  return crops.cut(waveform, [start], tagger.crop_samples)[0], start
 
 
 def contribution_map(tagger: Tagger, crop: np.ndarray, num_tokens: int, chunk_size: int = CHUNK_SIZE):

@@ -1,11 +1,12 @@
-"""Inference API: a trained or converted model loaded from its workdir.
+"""Inference API: a trained or converted model loaded from its workdir, and its predictions.
 
   tagger = flaxtag.Tagger.load("runs/spec_att")
   scores = tagger.tag_waveform(tagger.load_clip("song.mp3"))  # 16 evenly spaced crops, probabilities averaged
   scores.fine, scores.coarse                                  # (num_tags,), (num_coarse,) or None
-  for result in tagger.iter_tag_files(paths):                 # files decoded in threads, a block at a time, as
-    print(result.path, result.error or result.scores.fine)    # their crops are scored in fixed-size batches
   fine, coarse = tagger.predict(batch)                        # (B, samples), or (B, 96, frames) log-mel for Spec
+
+Where crops start and how they are cut: `flaxtag.crops`. Many files, decoded in threads while the model runs:
+`flaxtag.tag.iter_tag_files`.
 
 Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
 (`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
@@ -14,29 +15,19 @@ the device count. On a CPU, `use_every_cpu_core()` (the tag and explain commands
 per core.
 """
 import dataclasses
-import functools
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flaxtag import audio, checkpoint, sharding
-from flaxtag.errors import AudioError, FlaxtagError
+from flaxtag import audio, checkpoint, crops, sharding
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
 BATCH_SIZE = 16
-# Threads decoding files while the model runs: decoding a 30-s MP3 takes a few per cent of the time the model takes to
-# score its crops, so two keep the model fed whatever the mix of files.
-DECODE_WORKERS = 2
-# Batches of crops that may wait between the decoding threads and the model: the memory bound of `iter_tag_files`.
-QUEUED_BATCHES = 2
 # Shorter clips are refused: a crop would be mostly zero padding, and its tags mostly about the padding.
 MIN_CLIP_SECONDS = 1.0
 
@@ -93,20 +84,6 @@ class Inspection:
   head_attention: np.ndarray | None
 
 
-@dataclasses.dataclass(frozen=True)
-class FileResult:
-  """What `tag_files` found for one file: scores, or the reason the file could not be tagged.
-
-  warnings: what is suspect about the file's samples (clipping, a DC offset); it was tagged all the same.
-  index: the file's position in the paths given.
-  """
-  path: str
-  scores: Scores | None = None
-  error: str | None = None
-  warnings: tuple[str, ...] = ()
-  index: int = 0
-
-
 class Tagger:
   """A model with its variables, config and metadata (tag names, hierarchy), ready to tag audio."""
 
@@ -119,7 +96,6 @@ class Tagger:
     self.mesh = sharding.make_mesh(devices=self.devices)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
-    self._outputs_fn = jax.jit(self._outputs_impl)
     self._probs_fn = jax.jit(self._probs_impl)
     self._inspect_fn = jax.jit(self._inspect_impl)
 
@@ -128,7 +104,8 @@ class Tagger:
            ) -> "Tagger":
     """Loads `best` (by validation ROC-AUC), `latest`, or a step number from WORKDIR/checkpoints.
 
-    `devices` (default: all local devices) are those batches are split over.
+    `devices` (default: all local devices) are those batches are split over. The model computes in bfloat16 where
+    the run did (`config.half_precision`), as its validation did.
     """
     manager = checkpoint.open_manager(workdir, read_only=True)
     step = checkpoint.resolve_step(manager, checkpoint_step)
@@ -137,7 +114,7 @@ class Tagger:
     if metadata.get("hierarchy"):
       hierarchy = Hierarchy.from_mapping(metadata["hierarchy"], fine_tags=metadata.get("tag_names"),
                                          source=f"{workdir} checkpoint metadata")
-    model = tagger.build_model(config.model, hierarchy)
+    model = tagger.build_model(config.model, hierarchy, config.get("half_precision", False))
     variables = checkpoint.restore_variables(manager, step, tagger.abstract_variables(model))
     manager.close()
     return cls(model, variables, config, {**metadata, "step": step}, devices)
@@ -176,6 +153,11 @@ class Tagger:
   def crop_seconds(self) -> float:
     return self.crop_samples / self.sample_rate
 
+  @property
+  def min_clip_samples(self) -> int:
+    """The shortest clip the model tags (MIN_CLIP_SECONDS)."""
+    return int(MIN_CLIP_SECONDS * self.sample_rate)
+
   def round_batch(self, batch_size: int) -> int:
     """`batch_size` rounded up to a multiple of the number of devices."""
     n = len(self.devices)
@@ -183,13 +165,6 @@ class Tagger:
 
   # --------------------------------------------------------------------------------------------------------------------
   # Batches of crops.
-
-  def outputs(self, batch) -> heads.HeadOutputs:
-    """Head outputs (logits, numpy) for a batch of waveforms or, for Spec models, log-mel spectrograms.
-
-    The head's coarse × fine attention map, where it has one, is broadcast to (B, C, F).
-    """
-    return self._run(self._outputs_fn, [batch])
 
   def predict(self, batch, forced_attention=None, batch_size: int | None = None
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -213,12 +188,6 @@ class Tagger:
     probs, layers, head_attention = self._run(self._inspect_fn, [batch])
     fine = probs[:, :self.model.num_tags]
     return Inspection(fine, probs[:, self.model.num_tags:] if self.hierarchy else None, layers, head_attention)
-
-  def _outputs_impl(self, variables, x):
-    out = self.model.apply(variables, x, train=False)
-    if out.attention is not None:
-      out = out._replace(attention=jnp.broadcast_to(out.attention, (x.shape[0],) + out.attention.shape[1:]))
-    return out
 
   def _probs_impl(self, variables, x, forced=None):
     return self._probabilities(self.model.apply(variables, x, train=False, forced_attention=forced))
@@ -276,279 +245,25 @@ class Tagger:
     waveform = np.asarray(waveform, np.float32)
     if waveform.ndim != 1:
       raise ValueError(f"expected one mono waveform (samples,), got shape {waveform.shape}")
-    return audio.check_clip(waveform, int(MIN_CLIP_SECONDS * self.sample_rate), path, self.sample_rate)
+    return audio.check_clip(waveform, self.min_clip_samples, path, self.sample_rate)
 
-  def crop_offsets(self, num_samples: int, num_crops: int = audio.EVAL_CROPS) -> np.ndarray:
-    """Start samples of `num_crops` evenly spaced crops, offset step (L − crop)//num_crops (SPEC §1); [0] for a
-    clip no longer than one crop."""
-    if num_samples <= self.crop_samples:
-      return np.zeros(1, np.int64)
-    return audio.eval_crop_offsets(num_samples, self.crop_samples, num_crops)
-
-  def timeline_offsets(self, num_samples: int, hop_seconds: float | None = None) -> np.ndarray:
-    """Start samples of consecutive crops `hop_seconds` apart (default: one crop length, no overlap); a last crop
-    ending at the end of the clip covers any remainder."""
-    hop = self.crop_samples if hop_seconds is None else int(round(hop_seconds * self.sample_rate))
-    if hop <= 0:
-      raise ValueError(f"hop_seconds must be positive, got {hop_seconds}")
-    last = max(num_samples - self.crop_samples, 0)
-    offsets = np.arange(0, last + 1, hop)
-    return offsets if offsets[-1] == last else np.append(offsets, last)
-
-  def cut_crops(self, waveform: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(len(offsets), crop_samples) crops starting at `offsets`; a clip shorter than a crop is zero-padded."""
-    if len(waveform) < self.crop_samples:
-      waveform = np.pad(waveform, (0, self.crop_samples - len(waveform)))
-    return np.stack([waveform[o:o + self.crop_samples] for o in offsets])
-
-  def crops(self, waveform, num_crops: int = audio.EVAL_CROPS) -> np.ndarray:
-    """(n, crop_samples) evaluation crops of one mono clip at the model's rate: `num_crops` evenly spaced crops, or
-    one zero-padded crop for a clip shorter than a crop. Raises AudioError for a clip too short or silent."""
-    waveform = self.check_clip(waveform)
-    return self.cut_crops(waveform, self.crop_offsets(len(waveform), num_crops))
-
-  def tag_waveform(self, waveform, num_crops: int = audio.EVAL_CROPS, batch_size: int = BATCH_SIZE) -> Scores:
+  def tag_waveform(self, waveform, num_crops: int = crops.EVAL_CROPS, batch_size: int = BATCH_SIZE) -> Scores:
     """Whole-clip probabilities of one mono clip at the model's rate: the mean over its evaluation crops."""
     waveform = self.check_clip(waveform)
-    offsets = self.crop_offsets(len(waveform), num_crops)
-    fine, coarse = self.predict(self.cut_crops(waveform, offsets), batch_size=batch_size)
-    return self._scores(fine, coarse, offsets, len(waveform), average=True)
+    offsets = crops.whole_clip_offsets(len(waveform), self.crop_samples, num_crops)
+    fine, coarse = self.predict(crops.cut(waveform, offsets, self.crop_samples), batch_size=batch_size)
+    return self.scores(fine, coarse, offsets, len(waveform), average=True)
 
   def timeline(self, waveform, hop_seconds: float | None = None, batch_size: int = BATCH_SIZE) -> Scores:
     """Probabilities of consecutive crops `hop_seconds` apart (default one crop length), one row a crop."""
     waveform = self.check_clip(waveform)
-    offsets = self.timeline_offsets(len(waveform), hop_seconds)
-    fine, coarse = self.predict(self.cut_crops(waveform, offsets), batch_size=batch_size)
-    return self._scores(fine, coarse, offsets, len(waveform), average=False)
+    offsets = crops.timeline_offsets(len(waveform), self.crop_samples, hop_seconds, self.sample_rate)
+    fine, coarse = self.predict(crops.cut(waveform, offsets, self.crop_samples), batch_size=batch_size)
+    return self.scores(fine, coarse, offsets, len(waveform), average=False)
 
-  def _scores(self, fine, coarse, offsets, num_samples, average: bool) -> Scores:
+  def scores(self, fine, coarse, offsets, num_samples, average: bool) -> Scores:
+    """The Scores of a clip of `num_samples` from the probabilities of its crops starting at `offsets`: their mean
+    with `average`, else one row a crop."""
     if average:
       fine, coarse = fine.mean(axis=0), (None if coarse is None else coarse.mean(axis=0))
     return Scores(fine, coarse, offsets / self.sample_rate, self.crop_seconds, num_samples / self.sample_rate)
-
-  # --------------------------------------------------------------------------------------------------------------------
-  # Files.
-
-  def tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
-                hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
-                decode_workers: int = DECODE_WORKERS) -> list[FileResult]:
-    """Tags many files; see `iter_tag_files`. The results are in the order of `paths`."""
-    results = self.iter_tag_files(paths, num_crops, timeline, hop_seconds, batch_size, decode_workers)
-    return sorted(results, key=lambda result: result.index)
-
-  def iter_tag_files(self, paths: Iterable, num_crops: int = audio.EVAL_CROPS, timeline: bool = False,
-                     hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
-                     decode_workers: int = DECODE_WORKERS) -> Iterator[FileResult]:
-    """Yields a FileResult per file as soon as all its crops are scored (not necessarily in the order given: see
-    `FileResult.index`).
-
-    Whole-file scores average `num_crops` evenly spaced crops; with `timeline`, every crop `hop_seconds` apart is
-    kept. `decode_workers` threads decode files (`audio.AudioStream`, a block at a time) and cut their crops while
-    the model runs; at most QUEUED_BATCHES batches of crops wait between them, so memory stays flat whatever the
-    number and length of the files. Crops of consecutive files share batches of exactly `batch_size` rows (rounded
-    up to a multiple of the device count; the last batch zero-padded), so the model compiles once. A file that
-    cannot be used gets its error message, and the others are still tagged.
-    """
-    size = self.round_batch(batch_size)
-    crops = queue.Queue(maxsize=QUEUED_BATCHES * size)
-    stop = threading.Event()
-    jobs, jobs_lock = enumerate(paths), threading.Lock()
-    planner = functools.partial(self._plan_offsets, num_crops=num_crops, timeline=timeline, hop_seconds=hop_seconds)
-    workers = [threading.Thread(target=self._decode_files, args=(jobs, jobs_lock, planner, crops, stop), daemon=True)
-               for _ in range(max(1, decode_workers))]
-    for worker in workers:
-      worker.start()
-    files: dict[int, _FileInProgress] = {}
-    rows: list[tuple[_Crop, np.ndarray]] = []
-    running = len(workers)
-    try:
-      while running:
-        item = crops.get()
-        if item is None:
-          running -= 1
-        elif isinstance(item, _Plan):
-          files[item.index] = _FileInProgress(item)  # a second plan (the header's length was wrong) starts afresh
-        elif isinstance(item, _Crop):
-          rows.append((item, item.samples))
-          if len(rows) == size:
-            yield from self._score_rows(rows, size, files, timeline)
-            rows = []
-        elif isinstance(item, _Done):
-          file = files.get(item.index)
-          if file is not None and file.plan.attempt == item.attempt:
-            file.warnings = item.warnings
-            yield from self._finish_if_scored(files, item.index, timeline)
-        elif isinstance(item, _Failed):
-          files.pop(item.index, None)
-          yield FileResult(item.path, error=item.error, index=item.index)
-        else:  # an unexpected exception in a decoding thread
-          raise item
-      if rows:
-        yield from self._score_rows(rows, size, files, timeline)
-    finally:
-      stop.set()
-      for worker in workers:
-        worker.join()
-
-  def _plan_offsets(self, num_samples: int, num_crops: int, timeline: bool, hop_seconds: float | None) -> np.ndarray:
-    if timeline:
-      return self.timeline_offsets(num_samples, hop_seconds)
-    return self.crop_offsets(num_samples, num_crops)
-
-  def _decode_files(self, jobs, jobs_lock, planner, crops: queue.Queue, stop: threading.Event):
-    """A decoding thread: takes (index, path) jobs and puts their plans, crops and ends on `crops`, then None."""
-
-    def put(item):
-      while not stop.is_set():
-        try:
-          crops.put(item, timeout=0.1)
-          return
-        except queue.Full:
-          pass
-      raise _Stopped()
-
-    try:
-      while not stop.is_set():
-        with jobs_lock:
-          index, path = next(jobs, (None, None))
-        if path is None:
-          break
-        try:
-          self._decode_file(index, os.fspath(path), planner, put)
-        except FlaxtagError as e:
-          put(_Failed(index, os.fspath(path), str(e)))
-      put(None)
-    except _Stopped:
-      pass
-    except Exception as e:  # pylint: disable=broad-except
-      try:
-        put(e)  # raised by the consumer
-      except _Stopped:
-        pass
-
-  def _decode_file(self, index: int, path: str, planner, put):
-    """Puts a file's plan, its crops one by one, and its end; raises AudioError for a file that cannot be used."""
-    min_samples = int(MIN_CLIP_SECONDS * self.sample_rate)
-    num_samples = None
-    for attempt in range(2):
-      with audio.AudioStream(path, self.sample_rate) as stream:
-        planned = stream.num_samples if num_samples is None else num_samples
-        audio.check_length(planned, min_samples, path, self.sample_rate)
-        offsets = planner(planned)
-        put(_Plan(index, path, attempt, offsets, planned))
-        counted = _Counted(stream)
-        for number, crop in enumerate(self._stream_crops(counted, offsets)):
-          put(_Crop(index, attempt, number, crop))
-        if counted.num_samples == planned:
-          audio.check_peak(counted.peak, path)
-          put(_Done(index, attempt, tuple(stream.warnings)))
-          return
-        num_samples = counted.num_samples  # the header's length was wrong (e.g. a truncated MP3): cut them again
-    raise AudioError(f"audio file {path} decodes to a different length each time it is read; it cannot be tagged.")
-
-  def _stream_crops(self, blocks: Iterable[np.ndarray], offsets: np.ndarray) -> Iterator[np.ndarray]:
-    """`cut_crops` of a waveform given as consecutive blocks, holding at most a crop and a block of it."""
-    crop = self.crop_samples
-    held, held_start = np.zeros(0, np.float32), 0  # samples [held_start, held_start + len(held)) of the waveform
-    i = 0
-    for block in blocks:
-      held = np.concatenate([held, block])
-      while i < len(offsets) and offsets[i] + crop <= held_start + len(held):
-        yield held[offsets[i] - held_start:offsets[i] - held_start + crop].copy()
-        i += 1
-      keep = (offsets[i] if i < len(offsets) else held_start + len(held)) - held_start
-      held, held_start = held[max(keep, 0):], held_start + max(keep, 0)
-    for offset in offsets[i:]:  # crops running past the end: zero-padded
-      piece = held[max(offset - held_start, 0):max(offset - held_start + crop, 0)]
-      yield np.pad(piece, (0, crop - len(piece)))
-
-  def _score_rows(self, rows, size: int, files: dict, timeline: bool) -> Iterator[FileResult]:
-    """Runs one batch of crops and files the probabilities; yields the files that are then complete."""
-    probs = self._run(self._probs_fn, [np.stack([samples for _, samples in rows])], size)
-    touched = set()
-    for (crop, _), p in zip(rows, probs):
-      file = files.get(crop.index)
-      if file is not None and file.plan.attempt == crop.attempt:
-        file.record(crop.number, p)
-        touched.add(crop.index)
-    for index in sorted(touched):
-      yield from self._finish_if_scored(files, index, timeline)
-
-  def _finish_if_scored(self, files: dict, index: int, timeline: bool) -> Iterator[FileResult]:
-    file = files[index]
-    if file.warnings is None or file.num_scored < len(file.plan.offsets):
-      return
-    del files[index]
-    plan = file.plan
-    if not np.isfinite(file.probs).all():
-      yield FileResult(plan.path, error=f"the model's outputs for {plan.path} are not finite (NaN or infinity); "
-                       "check the checkpoint.", warnings=file.warnings, index=index)
-      return
-    fine = file.probs[:, :self.model.num_tags]
-    coarse = file.probs[:, self.model.num_tags:] if self.hierarchy else None
-    scores = self._scores(fine, coarse, plan.offsets, plan.num_samples, average=not timeline)
-    yield FileResult(plan.path, scores, warnings=file.warnings, index=index)
-
-
-class _Stopped(Exception):
-  """The consumer of a decoding thread's crops is gone."""
-
-
-class _Plan(NamedTuple):
-  """The crops a file will be cut into (sent again, with attempt 1, if its header announced a wrong length)."""
-  index: int
-  path: str
-  attempt: int
-  offsets: np.ndarray
-  num_samples: int
-
-
-class _Crop(NamedTuple):
-  index: int
-  attempt: int
-  number: int
-  samples: np.ndarray
-
-
-class _Done(NamedTuple):
-  """All crops of the file's attempt are sent."""
-  index: int
-  attempt: int
-  warnings: tuple[str, ...]
-
-
-class _Failed(NamedTuple):
-  index: int
-  path: str
-  error: str
-
-
-class _FileInProgress:
-  """A file some of whose crops are scored."""
-
-  def __init__(self, plan: _Plan):
-    self.plan = plan
-    self.probs = None
-    self.num_scored = 0
-    self.warnings: tuple[str, ...] | None = None  # set once all its crops are sent
-
-  def record(self, number: int, probs: np.ndarray):
-    if self.probs is None:
-      self.probs = np.zeros((len(self.plan.offsets), len(probs)), np.float32)
-    self.probs[number] = probs
-    self.num_scored += 1
-
-
-class _Counted:
-  """Blocks of a waveform passed through, counting its samples and its largest |sample|."""
-
-  def __init__(self, blocks: Iterable[np.ndarray]):
-    self.blocks = blocks
-    self.num_samples = 0
-    self.peak = 0.0
-
-  def __iter__(self):
-    for block in self.blocks:
-      self.num_samples += len(block)
-      self.peak = max(self.peak, float(np.max(np.abs(block))))
-      yield block

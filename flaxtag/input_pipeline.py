@@ -8,7 +8,8 @@ s-th block of `global batch` records of it, and process p of P takes the p-th co
 processes read disjoint shards that together cover the split. One crop per clip per step, at an offset drawn from
 (seed, epoch, record index): the batches depend on the seed only, never on hidden RNG state, worker count or
 timing, so a restored iterator state resumes exactly. Evaluation: 16 evenly spaced crops per clip, static batch
-shapes, a validity mask and the clip's index, the same number of batches on every process.
+shapes, a validity mask and the clip's index, the same number of batches on every process. Where crops start and
+how they are cut: `flaxtag.crops`.
 
 Batches are dicts of numpy arrays, this process's part of the global batch, ready for
 `jax.make_array_from_process_local_data`. Reading sets glibc's malloc thresholds for the process (see
@@ -28,7 +29,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
 
-from flaxtag import audio
+from flaxtag import audio, crops
 from flaxtag.errors import ConfigError, DatasetError
 from flaxtag.hierarchy import Hierarchy
 
@@ -36,7 +37,6 @@ BUILD_SUMMARY_FILE = "build_summary.json"
 SKIPPED_FILES_FILE = "skipped_files.json"
 HIERARCHY_FILE = "hierarchy.json"
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
-_MASK64 = (1 << 64) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,27 +111,6 @@ def epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_records)
 
 
-def _mix(*values: int) -> int:
-  """64 well-mixed bits from integers (SplitMix64 steps): a cheap, stateless hash for per-record randomness."""
-  z = 0
-  for v in values:
-    z = (z + (v & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-  return z
-
-
-def train_crop_offset(num_samples: int, crop_len: int, seed: int, epoch: int, record: int) -> int:
-  """Start of the training crop of record `record` in `epoch`: uniform over the valid starts, 0 if the clip is short.
-
-  A hash of (seed, epoch, record), not an RNG: it costs ~2 µs where seeding numpy's generator costs ~60 µs per crop.
-  """
-  if num_samples <= crop_len:
-    return 0
-  return _mix(seed, epoch, record) % (num_samples - crop_len + 1)
-
-
 def steps_per_epoch(num_clips: int, batch_size: int, process_count: int) -> int:
   """Training steps per epoch: full global batches only (the rest of each epoch's permutation is not used)."""
   return num_clips // (batch_size * process_count)
@@ -141,16 +120,6 @@ def num_eval_batches(num_clips: int, batch_size: int, process_count: int) -> int
   """Evaluation batches per process (the same on every process)."""
   per_process = -(-num_clips // process_count)
   return -(-per_process // batch_size)
-
-
-def _copy_crop(pcm: np.ndarray, offset: int, out: np.ndarray) -> None:
-  """out[:] = pcm[offset:offset+len(out)], as float32 in [-1, 1) if out is float, zero past the end of the clip."""
-  segment = pcm[offset:offset + out.shape[0]]
-  if out.dtype == np.int16:
-    out[:segment.shape[0]] = segment
-  else:
-    np.multiply(segment, audio.INT16_SCALE, out=out[:segment.shape[0]])
-  out[segment.shape[0]:] = 0
 
 
 def _float_audio(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -308,8 +277,8 @@ class _TrainBatches:
       epoch, record = self._record(step * b + row)
       example = self._reader[record]
       pcm = example["audio"]
-      offset = train_crop_offset(pcm.shape[0], self._crop_len, self._seed, epoch, record)
-      _copy_crop(pcm, offset, batch["audio"][row])
+      offset = crops.train_offset(pcm.shape[0], self._crop_len, self._seed, epoch, record)
+      crops.copy(pcm, offset, batch["audio"][row])
       for key in self._label_shapes:
         batch[key][row] = example[key]
     return batch
@@ -343,8 +312,8 @@ class _EvalBatches:
     for row, record in enumerate(self._records[index * b:(index + 1) * b]):
       example = self._reader[record]
       pcm = example["audio"]
-      for crop, offset in enumerate(audio.eval_crop_offsets(pcm.shape[0], self._crop_len, self._num_crops)):
-        _copy_crop(pcm, int(offset), batch["audio"][row, crop])
+      for crop, offset in enumerate(crops.eval_offsets(pcm.shape[0], self._crop_len, self._num_crops)):
+        crops.copy(pcm, int(offset), batch["audio"][row, crop])
       for key in self._label_shapes:
         batch[key][row] = example[key]
       batch["mask"][row] = True
@@ -426,7 +395,7 @@ def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed:
 
 
 def eval_batches(data_dir, name: str, *, split: str, batch_size: int, crop_len: int,
-                 num_crops: int = audio.EVAL_CROPS, process_index: Optional[int] = None,
+                 num_crops: int = crops.EVAL_CROPS, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, worker_count: int = 0, read_threads: int = 2,
                  prefetch: int = 2) -> grain.IterDataset:
   """This process's evaluation batches of `split`, in record order; iterate it once per evaluation.

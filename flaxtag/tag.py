@@ -19,25 +19,278 @@ tags of each file; `json` (one list, a file an element) and `csv` (a row per fil
 A file that cannot be tagged (unreadable, too short, silent, NaN or infinite samples) is reported on stderr with
 the reason, and as {"file", "error"} in JSON, and the others are still tagged; the exit status is then 1. A clipped
 file or one with a DC offset is tagged with a warning (and "warnings" in JSON).
+
+From Python, `tag_files(tagger, paths)` or `iter_tag_files` (the first section of this module: the decoding threads
+and the batches of crops shared across files) give a `FileResult` per file; the second section is the command line's
+walking of directories and its output formats.
 """
 import csv
+import dataclasses
 import json
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
+import numpy as np
 from tqdm import tqdm
 
-from flaxtag import audio, cli, inference
-from flaxtag.inference import BATCH_SIZE, FileResult, Tagger
+from flaxtag import audio, cli, crops, inference
+from flaxtag.errors import AudioError, FlaxtagError
+from flaxtag.inference import BATCH_SIZE, Scores, Tagger
 
 FORMATS = ("table", "json", "csv")
 # Walked directories yield files with these extensions (libsndfile's formats, case ignored).
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
                     ".caf", ".w64", ".rf64")
+# Threads decoding files while the model runs: decoding a 30-s MP3 takes a few per cent of the time the model takes to
+# score its crops, so two keep the model fed whatever the mix of files.
+DECODE_WORKERS = 2
+# Batches of crops that may wait between the decoding threads and the model: the memory bound of `iter_tag_files`.
+QUEUED_BATCHES = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many files: decoded in threads while the model scores the crops already cut, crops of consecutive files sharing
+# batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class FileResult:
+  """What `tag_files` found for one file: scores, or the reason the file could not be tagged.
+
+  warnings: what is suspect about the file's samples (clipping, a DC offset); it was tagged all the same.
+  index: the file's position in the paths given.
+  """
+  path: str
+  scores: Scores | None = None
+  error: str | None = None
+  warnings: tuple[str, ...] = ()
+  index: int = 0
+
+
+def tag_files(tagger: Tagger, paths: Iterable, num_crops: int = crops.EVAL_CROPS, timeline: bool = False,
+              hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
+              decode_workers: int = DECODE_WORKERS) -> list[FileResult]:
+  """Tags many files; see `iter_tag_files`. The results are in the order of `paths`."""
+  results = iter_tag_files(tagger, paths, num_crops, timeline, hop_seconds, batch_size, decode_workers)
+  return sorted(results, key=lambda result: result.index)
+
+
+def iter_tag_files(tagger: Tagger, paths: Iterable, num_crops: int = crops.EVAL_CROPS, timeline: bool = False,
+                   hop_seconds: float | None = None, batch_size: int = BATCH_SIZE,
+                   decode_workers: int = DECODE_WORKERS) -> Iterator[FileResult]:
+  """Yields a FileResult per file as soon as all its crops are scored (not necessarily in the order given: see
+  `FileResult.index`).
+
+  Whole-file scores average `num_crops` evenly spaced crops; with `timeline`, every crop `hop_seconds` apart is
+  kept. `decode_workers` threads decode files (`audio.AudioStream`, a block at a time) and cut their crops while
+  the model runs; at most QUEUED_BATCHES batches of crops wait between them, so memory stays flat whatever the
+  number and length of the files. Crops of consecutive files share batches of exactly `batch_size` rows (rounded
+  up to a multiple of the device count; the last batch zero-padded), so the model compiles once. A file that
+  cannot be used gets its error message, and the others are still tagged.
+  """
+  size = tagger.round_batch(batch_size)
+  pending = queue.Queue(maxsize=QUEUED_BATCHES * size)
+  stop = threading.Event()
+  jobs, jobs_lock = enumerate(paths), threading.Lock()
+
+  def plan(num_samples: int) -> np.ndarray:
+    if timeline:
+      return crops.timeline_offsets(num_samples, tagger.crop_samples, hop_seconds, tagger.sample_rate)
+    return crops.whole_clip_offsets(num_samples, tagger.crop_samples, num_crops)
+
+  workers = [threading.Thread(target=_decode_files, args=(tagger, jobs, jobs_lock, plan, pending, stop), daemon=True)
+             for _ in range(max(1, decode_workers))]
+  for worker in workers:
+    worker.start()
+  files: dict[int, _FileInProgress] = {}
+  rows: list[_Crop] = []
+  running = len(workers)
+  try:
+    while running:
+      item = pending.get()
+      if item is None:
+        running -= 1
+      elif isinstance(item, _Plan):
+        files[item.index] = _FileInProgress(item)  # a second plan (the header's length was wrong) starts afresh
+      elif isinstance(item, _Crop):
+        rows.append(item)
+        if len(rows) == size:
+          yield from _score_rows(tagger, rows, size, files, timeline)
+          rows = []
+      elif isinstance(item, _Done):
+        file = files.get(item.index)
+        if file is not None and file.plan.attempt == item.attempt:
+          file.warnings = item.warnings
+          yield from _finish_if_scored(tagger, files, item.index, timeline)
+      elif isinstance(item, _Failed):
+        files.pop(item.index, None)
+        yield FileResult(item.path, error=item.error, index=item.index)
+      else:  # an unexpected exception in a decoding thread
+        raise item
+    if rows:
+      yield from _score_rows(tagger, rows, size, files, timeline)
+  finally:
+    stop.set()
+    for worker in workers:
+      worker.join()
+
+
+def _decode_files(tagger: Tagger, jobs, jobs_lock, plan, pending: queue.Queue, stop: threading.Event):
+  """A decoding thread: takes (index, path) jobs and puts their plans, crops and ends on `pending`, then None."""
+
+  def put(item):
+    while not stop.is_set():
+      try:
+        pending.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        pass
+    raise _Stopped()
+
+  try:
+    while not stop.is_set():
+      with jobs_lock:
+        index, path = next(jobs, (None, None))
+      if path is None:
+        break
+      try:
+        _decode_file(tagger, index, os.fspath(path), plan, put)
+      except FlaxtagError as e:
+        put(_Failed(index, os.fspath(path), str(e)))
+    put(None)
+  except _Stopped:
+    pass
+  except Exception as e:  # pylint: disable=broad-except
+    try:
+      put(e)  # raised by the consumer
+    except _Stopped:
+      pass
+
+
+def _decode_file(tagger: Tagger, index: int, path: str, plan, put):
+  """Puts a file's plan, its crops one by one, and its end; raises AudioError for a file that cannot be used."""
+  num_samples = None
+  for attempt in range(2):
+    with audio.AudioStream(path, tagger.sample_rate) as stream:
+      planned = stream.num_samples if num_samples is None else num_samples
+      audio.check_length(planned, tagger.min_clip_samples, path, tagger.sample_rate)
+      offsets = plan(planned)
+      put(_Plan(index, path, attempt, offsets, planned))
+      counted = _Counted(stream)
+      for number, crop in enumerate(crops.cut_blocks(counted, offsets, tagger.crop_samples)):
+        put(_Crop(index, attempt, number, crop))
+      if counted.num_samples == planned:
+        audio.check_peak(counted.peak, path)
+        put(_Done(index, attempt, tuple(stream.warnings)))
+        return
+      num_samples = counted.num_samples  # the header's length was wrong (e.g. a truncated MP3): cut them again
+  raise AudioError(f"audio file {path} decodes to a different length each time it is read; it cannot be tagged.")
+
+
+def _score_rows(tagger: Tagger, rows: list["_Crop"], size: int, files: dict, timeline: bool) -> Iterator[FileResult]:
+  """Runs one batch of crops and files the probabilities; yields the files that are then complete."""
+  fine, coarse = tagger.predict(np.stack([crop.samples for crop in rows]), batch_size=size)
+  touched = set()
+  for row, crop in enumerate(rows):
+    file = files.get(crop.index)
+    if file is not None and file.plan.attempt == crop.attempt:
+      file.record(crop.number, fine[row], None if coarse is None else coarse[row])
+      touched.add(crop.index)
+  for index in sorted(touched):
+    yield from _finish_if_scored(tagger, files, index, timeline)
+
+
+def _finish_if_scored(tagger: Tagger, files: dict, index: int, timeline: bool) -> Iterator[FileResult]:
+  file = files[index]
+  if file.warnings is None or file.num_scored < len(file.plan.offsets):
+    return
+  del files[index]
+  plan = file.plan
+  if not all(np.isfinite(probs).all() for probs in (file.fine, file.coarse) if probs is not None):
+    yield FileResult(plan.path, error=f"the model's outputs for {plan.path} are not finite (NaN or infinity); "
+                     "check the checkpoint.", warnings=file.warnings, index=index)
+    return
+  scores = tagger.scores(file.fine, file.coarse, plan.offsets, plan.num_samples, average=not timeline)
+  yield FileResult(plan.path, scores, warnings=file.warnings, index=index)
+
+
+class _Stopped(Exception):
+  """The consumer of a decoding thread's crops is gone."""
+
+
+class _Plan(NamedTuple):
+  """The crops a file will be cut into (sent again, with attempt 1, if its header announced a wrong length)."""
+  index: int
+  path: str
+  attempt: int
+  offsets: np.ndarray
+  num_samples: int
+
+
+class _Crop(NamedTuple):
+  index: int
+  attempt: int
+  number: int
+  samples: np.ndarray
+
+
+class _Done(NamedTuple):
+  """All crops of the file's attempt are sent."""
+  index: int
+  attempt: int
+  warnings: tuple[str, ...]
+
+
+class _Failed(NamedTuple):
+  index: int
+  path: str
+  error: str
+
+
+class _FileInProgress:
+  """A file some of whose crops are scored."""
+
+  def __init__(self, plan: _Plan):
+    self.plan = plan
+    self.fine = None
+    self.coarse = None
+    self.num_scored = 0
+    self.warnings: tuple[str, ...] | None = None  # set once all its crops are sent
+
+  def record(self, number: int, fine: np.ndarray, coarse: np.ndarray | None):
+    if self.fine is None:
+      self.fine = np.zeros((len(self.plan.offsets), len(fine)), np.float32)
+      self.coarse = None if coarse is None else np.zeros((len(self.plan.offsets), len(coarse)), np.float32)
+    self.fine[number] = fine
+    if coarse is not None:
+      self.coarse[number] = coarse
+    self.num_scored += 1
+
+
+class _Counted:
+  """Blocks of a waveform passed through, counting its samples and its largest |sample|."""
+
+  def __init__(self, blocks: Iterable[np.ndarray]):
+    self.blocks = blocks
+    self.num_samples = 0
+    self.peak = 0.0
+
+  def __iter__(self):
+    for block in self.blocks:
+      self.num_samples += len(block)
+      self.peak = max(self.peak, float(np.max(np.abs(block))))
+      yield block
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: which files, and their results as a table, JSON or CSV.
 
 
 def audio_files(paths: Iterable[str]) -> list[str]:
@@ -147,7 +400,7 @@ def _dumps(value, indent: int | None = None) -> str:
 
 
 def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table", top_k: int = 10,
-              timeline: bool = False, hop_seconds: float | None = None, num_crops: int = audio.EVAL_CROPS,
+              timeline: bool = False, hop_seconds: float | None = None, num_crops: int = crops.EVAL_CROPS,
               batch_size: int = BATCH_SIZE, output: str | None = None, out=None, err=None) -> int:
   """Tags `paths` (files, and directories walked for audio files) and writes the results to `output` (JSON lines,
   appended; files it already holds are skipped) or else to `out` (stdout) in `output_format`; errors, warnings and
@@ -177,8 +430,8 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   started = time.perf_counter()
   progress = tqdm(total=len(files), unit="file", file=err, dynamic_ncols=True, disable=len(files) < 2)
   try:
-    results = tagger.iter_tag_files(files, num_crops=num_crops, timeline=timeline, hop_seconds=hop_seconds,
-                                    batch_size=batch_size)
+    results = iter_tag_files(tagger, files, num_crops=num_crops, timeline=timeline, hop_seconds=hop_seconds,
+                             batch_size=batch_size)
     for result in results:
       progress.update()
       if result.error:
@@ -236,7 +489,7 @@ def define_flags():
   flags.DEFINE_boolean("timeline", False, "Score consecutive crops over time instead of the whole file.")
   flags.DEFINE_float("hop_seconds", None, "With --timeline: seconds between crop starts (default: one crop).",
                      lower_bound=0.01)
-  flags.DEFINE_integer("num_crops", audio.EVAL_CROPS, "Crops averaged for whole-file scores.", lower_bound=1)
+  flags.DEFINE_integer("num_crops", crops.EVAL_CROPS, "Crops averaged for whole-file scores.", lower_bound=1)
   flags.DEFINE_integer("batch_size", BATCH_SIZE, "Crops per device batch (rounded up to a multiple of the device "
                        "count).", lower_bound=1)
   flags.DEFINE_string("output", None, "Append one JSON line per file here, skipping files it already holds "

@@ -9,7 +9,7 @@ import pytest
 import soundfile
 from matplotlib import image as mpimg
 
-from flaxtag import explain, plots
+from flaxtag import crops, explain, plots
 from flaxtag.inference import Tagger
 
 import tiny_models
@@ -47,7 +47,7 @@ def _sown(tagger, crop):
 
 def _crop(tagger, e, wave):
   start = int(round(e.offset_seconds * SR))
-  return tagger.cut_crops(wave, np.array([start]))[0]
+  return crops.cut(wave, [start], tagger.crop_samples)[0]
 
 
 def test_figures_and_arrays_are_written(spec_explanation, tmp_path):
@@ -71,8 +71,8 @@ def test_figures_and_arrays_are_written(spec_explanation, tmp_path):
 
 def test_the_loudest_crop_is_explained_unless_an_offset_is_given(spec_tagger, spec_explanation):
   wave = _music(10.0)
-  offsets = spec_tagger.crop_offsets(len(wave))
-  loudness = np.sqrt(np.mean(spec_tagger.crops(wave) ** 2, axis=1))
+  offsets = crops.whole_clip_offsets(len(wave), spec_tagger.crop_samples)
+  loudness = np.sqrt(np.mean(crops.cut(wave, offsets, spec_tagger.crop_samples) ** 2, axis=1))
   assert spec_explanation.offset_seconds == offsets[np.argmax(loudness)] / SR > 0
   crop, start = explain.select_crop(spec_tagger, wave, offset_seconds=2.0)
   assert start == 32000 and np.array_equal(crop, wave[32000:32000 + spec_tagger.crop_samples])

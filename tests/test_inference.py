@@ -4,13 +4,15 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
 
-from flaxtag import audio
-from flaxtag.inference import DECODE_WORKERS, QUEUED_BATCHES, Tagger
+from flaxtag import audio, tag
+from flaxtag.inference import Tagger
 from flaxtag.models import frontends, tagger
+from flaxtag.tag import DECODE_WORKERS, QUEUED_BATCHES
 
 import tiny_models
 
@@ -58,6 +60,16 @@ def test_inference_forward_equals_the_plain_model(frontend, backend):
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_load_computes_in_the_runs_precision(tmp_path):
+  """A run trained with half_precision is loaded to compute in bfloat16, as it was validated; others in float32."""
+  tiny_models.save_tiny_model(tmp_path / "fp32")
+  tiny_models.save_tiny_model(tmp_path / "bf16", half_precision=True)
+  full, half = Tagger.load(tmp_path / "fp32"), Tagger.load(tmp_path / "bf16")
+  assert full.model.dtype == jnp.float32 and half.model.dtype == jnp.bfloat16
+  crops = np.stack([_music(full.crop_seconds, 16000, seed=i) for i in range(2)])
+  np.testing.assert_allclose(half.probs(crops), full.probs(crops), atol=0.05)
+
+
 def test_take_extreme_value_equals_its_forward_rule():
   y = jax.random.normal(jax.random.key(0), (3, 5, 7, 6))
   largest = np.array([True, False, True, False, False, True])
@@ -84,8 +96,8 @@ def test_streamed_files_score_as_the_whole_file(spec_att, long_files, name):
     assert soundfile.info(path).frames > len(wave) * 44100 / 16000 + 44100  # the header's length is wrong
   whole = spec_att.tag_waveform(wave)
   timeline = spec_att.timeline(wave, hop_seconds=3.0)
-  (streamed,) = spec_att.tag_files([path])
-  (streamed_timeline,) = spec_att.tag_files([path], timeline=True, hop_seconds=3.0)
+  (streamed,) = tag.tag_files(spec_att, [path])
+  (streamed_timeline,) = tag.tag_files(spec_att, [path], timeline=True, hop_seconds=3.0)
   assert streamed.error is None and streamed.scores.duration == whole.duration
   np.testing.assert_array_equal(streamed.scores.starts, whole.starts)
   np.testing.assert_allclose(streamed.scores.fine, whole.fine, atol=1e-6)
@@ -101,7 +113,7 @@ def test_a_file_failing_midway_is_reported_and_the_others_scored(spec_att, tmp_p
   soundfile.write(tmp_path / "good.wav", good, 16000, subtype="FLOAT")
   soundfile.write(tmp_path / "bad.wav", bad, 16000, subtype="FLOAT")
   paths = [str(tmp_path / n) for n in ("bad.wav", "good.wav", "bad.wav", "missing.wav")]
-  results = spec_att.tag_files(paths)
+  results = tag.tag_files(spec_att, paths)
   assert [r.index for r in results] == [0, 1, 2, 3] and [r.path for r in results] == paths
   for r in (results[0], results[2]):
     assert r.scores is None and "non-finite samples (NaN or infinity), the first at 20.00 s" in r.error
@@ -124,7 +136,7 @@ def test_decoding_stays_a_bounded_distance_ahead_of_the_model(spec_att, tmp_path
         ahead.append(i - handed_out[0])
       yield str(tmp_path / "clip.wav")
 
-  for _ in spec_att.iter_tag_files(paths(), batch_size=1):
+  for _ in tag.iter_tag_files(spec_att, paths(), batch_size=1):
     time.sleep(0.02)  # a slow consumer: the decoders would run ahead if nothing held them back
     with lock:
       handed_out[0] += 1
@@ -135,7 +147,7 @@ def test_decoding_stays_a_bounded_distance_ahead_of_the_model(spec_att, tmp_path
 
 def test_stopping_early_stops_the_decoding_threads(spec_att, long_files):
   before = threading.active_count()
-  results = spec_att.iter_tag_files([long_files["long.flac"]] * 20)
+  results = tag.iter_tag_files(spec_att, [long_files["long.flac"]] * 20)
   next(results)
   results.close()
   assert threading.active_count() == before

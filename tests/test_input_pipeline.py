@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import fixtures_data
-from flaxtag import audio
+from flaxtag import crops
 from flaxtag import input_pipeline as ip
 from flaxtag.errors import ConfigError, DatasetError
 
@@ -43,7 +43,7 @@ def _expected_train_batch(records, step, batch_size, crop, seed, p, count):
     step_in_epoch, row = divmod(j, batch_size)
     record = int(ip.epoch_permutation(n, seed, epoch)[(step_in_epoch * count + p) * batch_size + row])
     pcm, tags = records[record]
-    offset = ip.train_crop_offset(len(pcm), crop, seed, epoch, record)
+    offset = crops.train_offset(len(pcm), crop, seed, epoch, record)
     segment = pcm[offset:offset + crop].astype(np.float32) / 32768
     audio.append(np.pad(segment, (0, crop - len(segment))))
     labels.append(tags.astype(np.float32))
@@ -156,7 +156,7 @@ def test_eval_crops_are_evenly_spaced(data_dir, records):
   batches = list(ip.eval_batches(data_dir, NAME, split="test", batch_size=2, crop_len=CROP, process_index=0,
                                  process_count=1))
   batch = batches[0]
-  assert batch["audio"].shape == (2, audio.EVAL_CROPS, CROP) and batch["audio"].dtype == np.float32
+  assert batch["audio"].shape == (2, crops.EVAL_CROPS, CROP) and batch["audio"].dtype == np.float32
   for row in range(2):
     pcm, labels = records["test"][batch["clip_index"][row]]
     step = (len(pcm) - CROP) // 16
@@ -164,8 +164,8 @@ def test_eval_crops_are_evenly_spaced(data_dir, records):
     for k in range(16):
       np.testing.assert_array_equal(batch["audio"][row, k], pcm[k * step:k * step + CROP] / np.float32(32768))
     np.testing.assert_array_equal(batch["labels"][row], labels)
-  np.testing.assert_array_equal(audio.eval_crop_offsets(100, 60, 4), [0, 10, 20, 30])
-  np.testing.assert_array_equal(audio.eval_crop_offsets(50, 60, 4), [0, 0, 0, 0])
+  np.testing.assert_array_equal(crops.eval_offsets(100, 60, 4), [0, 10, 20, 30])
+  np.testing.assert_array_equal(crops.eval_offsets(50, 60, 4), [0, 0, 0, 0])
 
 
 def test_eval_batches_have_static_shapes_and_masks(data_dir, records):

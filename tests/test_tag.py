@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from flaxtag import tag
+from flaxtag import crops, tag
 from flaxtag.errors import AudioError
 from flaxtag.inference import Tagger
 
@@ -68,15 +68,15 @@ def hierarchical(tmp_path_factory):
 def test_crops_are_evenly_spaced_and_short_clips_padded(tagger):
   crop = tagger.crop_samples
   wave = np.random.default_rng(0).normal(0, 0.1, crop + 16 * 1000 + 7).astype(np.float32)
-  crops = tagger.crops(wave)
-  assert crops.shape == (16, crop)
+  cut = crops.cut(wave, crops.whole_clip_offsets(len(wave), crop), crop)
+  assert cut.shape == (16, crop)
   for i in (0, 5, 15):
-    np.testing.assert_array_equal(crops[i], wave[i * 1000:i * 1000 + crop])
-  assert tagger.crops(wave, num_crops=4).shape == (4, crop)
-  np.testing.assert_array_equal(tagger.crop_offsets(len(wave), 4), [0, 4001, 8002, 12003])  # (L − crop)//4 = 16007//4
+    np.testing.assert_array_equal(cut[i], wave[i * 1000:i * 1000 + crop])
+  assert crops.cut(wave, crops.whole_clip_offsets(len(wave), crop, num_crops=4), crop).shape == (4, crop)
+  np.testing.assert_array_equal(crops.whole_clip_offsets(len(wave), crop, 4), [0, 4001, 8002, 12003])  # 16007//4
 
   short = wave[:2 * 16000]
-  padded = tagger.crops(short)
+  padded = crops.cut(short, crops.whole_clip_offsets(len(short), crop), crop)
   assert padded.shape == (1, crop)
   np.testing.assert_array_equal(padded[0, :len(short)], short)
   assert not padded[0, len(short):].any()
@@ -84,7 +84,7 @@ def test_crops_are_evenly_spaced_and_short_clips_padded(tagger):
 
 def test_clips_too_short_or_silent_are_refused(tagger):
   with pytest.raises(AudioError, match="too short: 0.50 s"):
-    tagger.crops(np.full(8000, 0.1, np.float32))
+    tagger.tag_waveform(np.full(8000, 0.1, np.float32))
   with pytest.raises(AudioError, match="digitally silent"):
     tagger.tag_waveform(np.zeros(3 * 16000, np.float32))
 
@@ -94,15 +94,16 @@ def test_whole_file_scores_are_the_mean_of_crop_probabilities(tagger, files):
   wave = tagger.load_clip(path)
   assert abs(len(wave) - 31 * 16000) <= 1
   scores = tagger.tag_waveform(wave)
-  expected = tagger.probs(tagger.crops(wave)).mean(axis=0)
+  crop = tagger.crop_samples
+  expected = tagger.probs(crops.cut(wave, crops.whole_clip_offsets(len(wave), crop), crop)).mean(axis=0)
   np.testing.assert_allclose(scores.fine, expected, atol=1e-6)
   assert scores.coarse is None and len(scores.starts) == 16
-  (result,) = tagger.tag_files([path])
+  (result,) = tag.tag_files(tagger, [path])
   np.testing.assert_allclose(result.scores.fine, expected, atol=1e-6)
 
 
 def test_tag_files_reports_the_corrupt_file_and_tags_the_rest(tagger, files):
-  results = tagger.tag_files(files)
+  results = tag.tag_files(tagger, files)
   assert [r.path for r in results] == files
   bad = results[1]
   assert bad.scores is None and "cannot decode" in bad.error and CORRUPT in bad.error
@@ -119,12 +120,12 @@ def test_tag_files_reports_the_corrupt_file_and_tags_the_rest(tagger, files):
 def test_batch_size_and_device_count_do_not_change_results(tagger, workdir, files):
   one_device = Tagger.load(workdir, devices=jax.local_devices()[:1])
   assert one_device.round_batch(1) == 1 and tagger.round_batch(1) == 8 and tagger.round_batch(20) == 24
-  reference = [r.scores for r in one_device.tag_files(files, batch_size=1) if r.scores]
+  reference = [r.scores for r in tag.tag_files(one_device, files, batch_size=1) if r.scores]
   for batch_size in (8, 16):  # batches cross file boundaries; the last one is padded (49 crops)
-    got = [r.scores for r in tagger.tag_files(files, batch_size=batch_size) if r.scores]
+    got = [r.scores for r in tag.tag_files(tagger, files, batch_size=batch_size) if r.scores]
     for a, b in zip(reference, got):
       np.testing.assert_allclose(a.fine, b.fine, atol=1e-5)
-  timeline = one_device.tag_files(files[2:3], timeline=True, batch_size=1)[0].scores
+  timeline = tag.tag_files(one_device, files[2:3], timeline=True, batch_size=1)[0].scores
   np.testing.assert_allclose(tagger.timeline(tagger.load_clip(files[2])).fine, timeline.fine, atol=1e-5)
 
 
@@ -136,7 +137,7 @@ def test_timeline_scores_consecutive_crops(tagger, files):
   assert scores.fine.shape == (len(scores.starts), 5)
   assert scores.ends[-1] == pytest.approx(31.0, abs=1e-3)
   offsets = np.round(scores.starts * 16000).astype(int)
-  np.testing.assert_allclose(scores.fine, tagger.probs(tagger.cut_crops(wave, offsets)), atol=1e-6)
+  np.testing.assert_allclose(scores.fine, tagger.probs(crops.cut(wave, offsets, tagger.crop_samples)), atol=1e-6)
   assert np.ptp(scores.fine, axis=0).max() > 1e-4  # crops differ
   short = tagger.timeline(tagger.load_clip(files[0]))
   assert short.fine.shape == (1, 5) and short.ends[0] == pytest.approx(3.7, abs=1e-3)
@@ -206,7 +207,7 @@ def test_command_line_tags_files_and_reports_the_corrupt_one(tagger, workdir, fi
     assert all(0 < p < 1 for p in entry["tags"].values())
   assert entries[2]["num_crops"] == 16 and entries[2]["duration_seconds"] == 31.0
   # The same scores as the API here (8 devices), from a process on one device.
-  scores = tagger.tag_files(files[2:3])[0].scores
+  scores = tag.tag_files(tagger, files[2:3])[0].scores
   np.testing.assert_allclose(list(entries[2]["tags"].values()), scores.fine, atol=1e-5)
 
 

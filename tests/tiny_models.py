@@ -63,10 +63,12 @@ def random_variables(model, seed: int = 0) -> dict:
 
 
 def save_tiny_model(workdir, frontend: str = "spec", backend: str = "attention", head: str = "flat",
-                    hierarchy: dict | None = None, tag_names=None, seed: int = 0, step: int = 0, width: int = 16):
+                    hierarchy: dict | None = None, tag_names=None, seed: int = 0, step: int = 0, width: int = 16,
+                    half_precision: bool = False):
   """Builds a tiny model with `random_variables(model, seed)` and saves it as checkpoint `step` of `workdir`.
 
   hierarchy: {coarse: [fine, ...]}; its fine tags (or `tag_names`, which then must hold all of them) are the tags.
+  half_precision: the run's `config.half_precision` (the variables are float32 either way).
   Returns (config, variables).
   """
   if tag_names is None:
@@ -74,6 +76,7 @@ def save_tiny_model(workdir, frontend: str = "spec", backend: str = "attention",
   tag_names = list(tag_names)
   parsed = Hierarchy.from_mapping(hierarchy, fine_tags=tag_names) if hierarchy else None
   config = tiny_config(frontend, backend, head, len(tag_names), width)
+  config.half_precision = half_precision
   model = tagger.build_model(config.model, parsed)
   variables = random_variables(model, seed)
   metadata = {"tag_names": tag_names}

@@ -272,49 +272,42 @@ def apply(name: str, params: Params, embedding: jax.Array, hierarchy: Hierarchy 
   return _check(name, hierarchy).apply(params, embedding, hierarchy, options)
 
 
-def _mean(per_entry: jax.Array, example_weights: jax.Array | None) -> jax.Array:
-  """Mean over tags (last axis) and examples, the examples weighted when weights are given."""
-  per_example = jnp.mean(per_entry, axis=-1)
-  if example_weights is None:
-    return jnp.mean(per_example)
-  return jnp.sum(per_example * example_weights) / jnp.maximum(jnp.sum(example_weights), 1e-12)
+def _mean(per_entry: jax.Array) -> jax.Array:
+  """Mean over tags (last axis), then over examples."""
+  return jnp.mean(jnp.mean(per_entry, axis=-1))
 
 
-def _bce(logits: jax.Array, targets: jax.Array, example_weights: jax.Array | None) -> jax.Array:
+def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """BCE with logits, softplus(z) − y·z: stable for any z."""
-  return _mean(jax.nn.softplus(logits) - targets * logits, example_weights)
+  return _mean(jax.nn.softplus(logits) - targets * logits)
 
 
 def _fine_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array | None,
-               hierarchy: Hierarchy | None, options: HeadOptions,
-               example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               hierarchy: Hierarchy | None, options: HeadOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
   del coarse_targets, hierarchy, options  # unused
-  parts = {"fine_bce": _bce(outputs.fine_logits, fine_targets, example_weights)}
+  parts = {"fine_bce": _bce(outputs.fine_logits, fine_targets)}
   return parts["fine_bce"], parts
 
 
 def _two_level_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array,
-                    hierarchy: Hierarchy, options: HeadOptions,
-                    example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  total, parts = _fine_loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
-  parts["coarse_bce"] = _bce(outputs.coarse_logits, coarse_targets, example_weights)
+                    hierarchy: Hierarchy, options: HeadOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
+  total, parts = _fine_loss(outputs, fine_targets, coarse_targets, hierarchy, options)
+  parts["coarse_bce"] = _bce(outputs.coarse_logits, coarse_targets)
   return total + options.coarse_weight * parts["coarse_bce"], parts
 
 
 def _hierarchy_penalty_loss(outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array,
-                            hierarchy: Hierarchy, options: HeadOptions,
-                            example_weights: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                            hierarchy: Hierarchy, options: HeadOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The two BCEs plus λ_h·mean(max(0, P_f − P_c[parent])²)."""
-  total, parts = _two_level_loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
+  total, parts = _two_level_loss(outputs, fine_targets, coarse_targets, hierarchy, options)
   fine_probs = jax.nn.sigmoid(outputs.fine_logits)
   parent_probs = jax.nn.sigmoid(outputs.coarse_logits)[..., jnp.asarray(hierarchy.parent)]
-  parts["hierarchy"] = _mean(jnp.square(jax.nn.relu(fine_probs - parent_probs)), example_weights)
+  parts["hierarchy"] = _mean(jnp.square(jax.nn.relu(fine_probs - parent_probs)))
   return total + options.hierarchy_loss_weight * parts["hierarchy"], parts
 
 
 def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_targets: jax.Array | None,
-         hierarchy: Hierarchy | None, options: HeadOptions = HeadOptions(),
-         example_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+         hierarchy: Hierarchy | None, options: HeadOptions = HeadOptions()) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Training loss of head `name` and its unweighted parts.
 
   Args:
@@ -322,7 +315,6 @@ def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_target
     fine_targets: (B, F) in [0, 1].
     coarse_targets: (B, C), or None to derive them from the fine targets (a coarse tag is present iff a child is).
       Ignored by `flat`.
-    example_weights: optional (B,) weights (e.g. 0 for padding examples); the mean over examples is weighted.
 
   Returns:
     (total, parts) with parts `fine_bce`, and, where the head has them, `coarse_bce` and `hierarchy`.
@@ -333,7 +325,7 @@ def loss(name: str, outputs: HeadOutputs, fine_targets: jax.Array, coarse_target
     if coarse_targets is None:
       coarse_targets = grouped_max(fine_targets, hierarchy)
     coarse_targets = jnp.asarray(coarse_targets, outputs.coarse_logits.dtype)
-  return head.loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights)
+  return head.loss(outputs, fine_targets, coarse_targets, hierarchy, options)
 
 
 class Head(NamedTuple):
@@ -341,7 +333,7 @@ class Head(NamedTuple):
 
   init(rng, embed_dim, num_fine, hierarchy, options) → parameters.
   apply(params, embedding, hierarchy, options) → HeadOutputs.
-  loss(outputs, fine_targets, coarse_targets, hierarchy, options, example_weights) → (total, parts); the targets
+  loss(outputs, fine_targets, coarse_targets, hierarchy, options) → (total, parts); the targets
     come in the logits' dtype, the coarse ones already derived where the head has coarse logits.
   coarse_logits: whether the head computes coarse logits of its own, trained by a coarse BCE; such a head needs a
     hierarchy. Without: coarse outputs by the max rule after training (`derive_coarse_logits`).
