@@ -31,17 +31,18 @@ def reference_model(frontend, backend, **model_overrides):
   return tagger.build_model(config.model)
 
 
-def adam_like_the_reference():
+def adam_like_the_reference(num_steps):
   """flaxtag's recipe optimizer in its Adam phase: torch.optim.Adam(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)."""
-  config = optim.default_optim_config()
+  config = optim.recipe_config()
   config.update(adam_lr=1e-4, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8)
-  return optim.make_optimizer(config)
+  # The `num_steps` updates make one epoch, far before the switch (epoch 60).
+  return optim.make_optimizer(optim.in_steps(config, steps_per_epoch=num_steps))
 
 
 def train(model, variables, batches):
   """Runs flaxtag's own train step (8-device mesh, global-batch BatchNorm) over `batches`; (state, losses)."""
   mesh = sharding.make_mesh()
-  tx = adam_like_the_reference()
+  tx = adam_like_the_reference(len(batches))
   params = jax.device_put(variables["params"], sharding.replicated(mesh))
   state = TrainState(step=jax.device_put(np.int32(0), sharding.replicated(mesh)), params=params,
                      batch_stats=jax.device_put(variables["batch_stats"], sharding.replicated(mesh)),

@@ -112,5 +112,5 @@ def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
     (10, -1, False),  # SWATS not switched yet: its lr drops do not count
 ])
 def test_stage_change_detection(step, switch_count, expected):
-  config = optim.default_optim_config(steps_per_epoch=1)  # boundaries at steps 80 and 100
+  config = optim.in_steps(optim.recipe_config(), steps_per_epoch=1)  # boundaries at steps 80 and 100
   assert train.stage_changed_in_epoch(config, step, 10, switch_count) is expected

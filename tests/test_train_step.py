@@ -20,9 +20,9 @@ def tiny_model(frontend="spec", backend="attention", head="flat", hierarchy=None
 def sgd_config():
   # SGD from the first step: its update is linear in the gradient. (Adam's first update is ±lr·sign(g), which
   # turns rounding noise in near-zero gradients, e.g. of conv biases before a BatchNorm, into ±lr.)
-  config = optim.default_optim_config()
-  config.update(switch_step=0, sgd_lr_boundaries=())
-  return config
+  config = optim.recipe_config()
+  config.update(switch_epoch=0, sgd_lr_drop_epochs=())
+  return optim.in_steps(config, steps_per_epoch=1)
 
 
 def one_step(model, devices, batch, seed=0):
