@@ -131,7 +131,7 @@ def test_num_epochs_ends_the_iterator(data_dir, records):
                       process_count=1)
 
 
-@pytest.mark.parametrize("worker_count", [0, 2])
+@pytest.mark.parametrize("worker_count", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: spawned workers
 def test_resume_gives_the_batches_of_an_uninterrupted_run(data_dir, worker_count):
   def make():
     return ip.train_iterator(data_dir, NAME, batch_size=4, crop_len=CROP, seed=3, process_index=0,

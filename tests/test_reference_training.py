@@ -46,7 +46,8 @@ def train(model, variables, batches):
   params = jax.device_put(variables["params"], sharding.replicated(mesh))
   state = TrainState(step=jax.device_put(np.int32(0), sharding.replicated(mesh)), params=params,
                      batch_stats=jax.device_put(variables["batch_stats"], sharding.replicated(mesh)),
-                     opt_state=jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(params))
+                     opt_state=jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(params),
+                     first_nonfinite_step=jax.device_put(np.int32(-1), sharding.replicated(mesh)))
   step = make_train_step(model, tx, seed=0, mesh=mesh)
   losses = []
   for batch in batches:
@@ -89,6 +90,7 @@ def pytorch_running_stats(state_dict, batch_stats):
 
 
 @pytest.mark.parametrize("architecture", list(reference_numpy.ARCHITECTURES))
+@pytest.mark.slow
 def test_batch_norm_running_statistics_follow_pytorch(layouts, architecture):
   """A training forward's BatchNorm updates, the fused timbre convs' and input BatchNorm's included, equal an
   independent numpy computation of PyTorch's rule."""

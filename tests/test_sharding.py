@@ -40,6 +40,7 @@ def _devices_after_split_cpu(xla_flags):
   return int(done.stdout)
 
 
+@pytest.mark.slow
 def test_split_cpu_sets_the_device_count_unless_the_process_chose_one():
   assert _devices_after_split_cpu("") == 3
   assert _devices_after_split_cpu("--xla_force_host_platform_device_count=2") == 2
