@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_EXTRAS := dev,synth,beam
 DEMO_EXTRAS := synth
 
-.PHONY: demo study test system-deps clean
+.PHONY: demo study test test-fast system-deps clean
 
 # One stamp per set of extras, redone when the package metadata changes.
 $(VENV)/.installed-%: setup.cfg pyproject.toml
@@ -28,6 +28,10 @@ system-deps:
 
 test: $(VENV)/.installed-$(TEST_EXTRAS) system-deps
 	$(PY) -m pytest -q tests
+
+# While editing: every test but those marked slow (`@pytest.mark.slow`), in under two minutes on 2 cores.
+test-fast: $(VENV)/.installed-$(TEST_EXTRAS) system-deps
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
 	$(PY) -m flaxtag.demo

@@ -186,7 +186,8 @@ def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
   model = tagger.build_model(config, half_precision=args.half_precision)
   batch = random_batch(model, args.batch_size, args.num_tags, args.mode, mesh)
   if args.mode == "train":
-    tx = optim.make_optimizer(optim.default_optim_config())
+    # Every step of the benchmark in its first epoch, so all are Adam steps (the switch is at epoch 60).
+    tx = optim.make_optimizer(optim.in_steps(optim.recipe_config(), steps_per_epoch=1 + args.warmup + args.steps))
     state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
     step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
     analytic_per_sample = 3.0 * analytic_forward_flops(name, config)

@@ -38,7 +38,9 @@ CLIPPING_SHARE = 0.01  # a file with at least this share of samples at full scal
 DC_OFFSET = 0.1  # a channel mean beyond this (of full scale 1) is an offset; music averages to within ~0.01 of 0
 STREAM_BLOCK_FRAMES = 1 << 16  # frames decoded at a time by `AudioStream` (1.5 s at 44.1 kHz)
 
-_DECODE_ERRORS = (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError)
+# What libsndfile raises for a file it cannot decode (corrupt, truncated, an unknown format); anything else, say a
+# TypeError, is a bug here and no reason to blame the file.
+_DECODE_ERRORS = soundfile.SoundFileError
 
 
 class AudioWarning(UserWarning):

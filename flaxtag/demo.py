@@ -9,21 +9,16 @@ what a previous run left in demo_out/ (a complete dataset, a finished or interru
 import json
 import os
 
-# On a CPU-only machine JAX sees one device; split the CPU into 8 so the demo runs the data-parallel mesh a GPU
-# cluster would. Must happen before JAX starts.
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from absl import flags
+import jax
+from ml_collections import config_flags
+import soundfile
 
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import soundfile  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from data_prep import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep.synth_instruments import render  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxtag import audio, cli, explain, tag, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxtag import eval as evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxtag.inference import Tagger  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import build
+from data_prep.synth_instruments import render
+from flaxtag import audio, cli, explain, sharding, tag, train
+from flaxtag import eval as evaluation
+from flaxtag.inference import Tagger
 
 DEMO_SEED = 2023  # a seed the dataset does not use: the tagged clip is new to the model
 
@@ -71,6 +66,9 @@ def run(config, out: str, sizes: dict) -> None:
 
 def main(argv):
   del argv
+  # On a CPU-only machine JAX sees one device; split the CPU into 8 so the demo runs the data-parallel mesh a GPU
+  # cluster would.
+  sharding.split_cpu(8)
   f = flags.FLAGS
   config = f.config
   config.data.data_dir = os.path.join(f.out, "data")

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import re
 import sys
+import warnings
 from typing import Any, Mapping, Optional
 
 import grain
@@ -189,7 +190,8 @@ class _Reader:
 
   The tfds data source is opened lazily, once in each worker process, and not pickled. Records are parsed here
   rather than by tfds: tfds copies the audio out of the record and builds every feature, which costs more than
-  the read itself; a record this parser does not expect goes through tfds's decoder.
+  the read itself; a record this parser does not expect goes through tfds's decoder, with a warning the first
+  time in each process.
   """
 
   def __init__(self, path: str, split: str, label_shapes: Mapping[str, int]):
@@ -197,6 +199,7 @@ class _Reader:
     self._split = split
     self._label_shapes = dict(label_shapes)
     self._source = self._features = None
+    self._warned_fallback = False
 
   def __getstate__(self):
     return {**self.__dict__, "_source": None, "_features": None}
@@ -233,6 +236,11 @@ class _Reader:
         return example
     except (ValueError, KeyError, IndexError):
       pass
+    if not self._warned_fallback:
+      self._warned_fallback = True
+      warnings.warn(f"{self._path} ({self._split}): record {index} is not laid out as flaxtag's builders write it "
+                    "(audio bytes, labels as packed ints below 128); it and any like it are decoded by tfds, which "
+                    "is slower.")
     decoded = self._features.deserialize_example_np(record)
     return {k: decoded[k] for k in ("audio", *self._label_shapes)}
 

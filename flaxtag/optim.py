@@ -1,23 +1,27 @@
 """The recipe's optimizer: Adam, then SGD with Nesterov momentum, switched inside one optax transformation.
 
-`make_optimizer(config.optim)` returns one `optax.chain` whose state has the same pytree structure for the whole run
-(both inner states are always kept), so a checkpoint taken before the switch restores into the same target as one
-taken after it. The switch happens at a fixed step (`switch='step'`, the recipe), when SWATS decides
-(`switch='swats'`, Keskar & Socher 2017), or never (`switch='none'`).
+A run's `config.optim` (`recipe_config()`, changed by config files and flags) counts in epochs, the unit a user
+thinks in. `in_steps(config.optim, steps_per_epoch)` turns it into update counts, once, where the run starts and the
+number of steps per epoch is known; `make_optimizer` takes that schedule. It returns one `optax.chain` whose state
+has the same pytree structure for the whole run (both inner states are always kept), so a checkpoint taken before
+the switch restores into the same target as one taken after it. The switch happens at a fixed step
+(`switch='step'`, the recipe), when SWATS decides (`switch='swats'`, Keskar & Socher 2017), or never
+(`switch='none'`).
 
-Steps are counted globally from 0: update number `count` is an Adam update while `count < switch_step` and an SGD
-update from then on; an SGD learning-rate boundary `b` applies to the updates with `count >= b`. With SWATS,
-`switch_step` and `sgd_lr` are unused: the switch step and the SGD lr are estimated, and the boundaries (still global
-steps) scale the estimated lr. SWATS' `swats_epsilon` is absolute (1e-9 in the paper), so it depends on the scale of
-the lr; with float32 noise on the estimate, a larger value may be needed for the switch to happen at all.
+Steps are counted globally from 0: update number `count` is an Adam update while `count < switch_step` (=
+`switch_epoch` × steps per epoch) and an SGD update from then on; an SGD learning-rate boundary `b` (from
+`sgd_lr_drop_epochs`) applies to the updates with `count >= b`. With SWATS, `switch_epoch` and `sgd_lr` are unused:
+the switch step and the SGD lr are estimated, and the boundaries (still global steps) scale the estimated lr. SWATS'
+`swats_epsilon` is absolute (1e-9 in the paper), so it depends on the scale of the lr; with float32 noise on the
+estimate, a larger value may be needed for the switch to happen at all.
 
 Short runs that never switch (`switch='none'`, e.g. the demo) may shape Adam's lr: a linear warm-up over
-`adam_warmup_steps` updates, then a cosine decay to 0 reached at update `adam_decay_steps` (0 turns either off; the
-recipe uses neither).
+`adam_warmup_epochs`, then a cosine decay to 0 reached after `adam_decay_epochs` (0 turns either off; the recipe uses
+neither).
 
-The training loop watches `optimizer_phase(opt_state)`: when it turns to 1 the next update is SGD. The recipe then
-reloads the best *parameters* so far and keeps the current optimizer state, which carries the switch, the step
-count and a fresh momentum buffer.
+At each epoch end the training loop reads `switch_state(opt_state).switch_count` and the SGD lr boundaries: when the
+switch or an lr drop happened within that epoch, the recipe reloads the best *parameters* so far and keeps the
+current optimizer state, which carries the switch, the step count and a fresh momentum buffer.
 """
 import math
 import numbers
@@ -32,63 +36,55 @@ from flaxtag.errors import ConfigError
 
 SWITCHES = ("step", "swats", "none")
 
-# MTAT "clean" train split (15,247 clips) at batch 16, remainder dropped.
-MTAT_STEPS_PER_EPOCH = 15_247 // 16
-
-
-def default_optim_config(steps_per_epoch: int = MTAT_STEPS_PER_EPOCH) -> ml_collections.ConfigDict:
-  """The recipe (SPEC §4) in steps: Adam 1e-4 for 60 epochs, then SGD 1e-3, ×0.1 at epochs 80 and 100."""
+def recipe_config() -> ml_collections.ConfigDict:
+  """The recipe (SPEC §4) as a run's `config.optim`, in epochs: Adam 1e-4 for 60 epochs, then SGD 1e-3, ×0.1 at
+  epochs 80 and 100."""
   c = ml_collections.ConfigDict()
   c.switch = "step"
   c.adam_lr = 1e-4
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
-  c.adam_warmup_steps = 0
-  c.adam_decay_steps = 0
+  c.adam_warmup_epochs = 0.0
+  c.adam_decay_epochs = 0.0
   c.sgd_lr = 1e-3
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 1e-4
-  c.switch_step = 60 * steps_per_epoch
-  c.sgd_lr_boundaries = (80 * steps_per_epoch, 100 * steps_per_epoch)
+  c.switch_epoch = 60
+  c.sgd_lr_drop_epochs = (80, 100)
   c.sgd_lr_decay = 0.1
   c.swats_epsilon = 1e-9
   return c
 
 
-def recipe_config() -> ml_collections.ConfigDict:
-  """`config.optim` of a run: the recipe with its switch points in epochs (see `in_steps`)."""
-  c = default_optim_config(steps_per_epoch=1)
-  del c.switch_step, c.sgd_lr_boundaries, c.adam_warmup_steps, c.adam_decay_steps
-  c.switch_epoch = 60
-  c.sgd_lr_drop_epochs = (80, 100)
-  c.adam_warmup_epochs = 0.0
-  c.adam_decay_epochs = 0.0
-  return c
+def in_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_collections.FrozenConfigDict:
+  """`make_optimizer`'s schedule from a run's `config.optim`: its epochs become update counts (rounded down).
 
-
-def in_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_collections.ConfigDict:
-  """`make_optimizer`'s config from a run's epoch-denominated `config.optim`."""
+  Raises ConfigError, naming the fields of `config.optim`, if it cannot describe the optimizer.
+  """
+  validate_optim_config(config)
   values = config.to_dict()
-  values["switch_step"] = int(values.pop("switch_epoch") * steps_per_epoch)
-  values["sgd_lr_boundaries"] = tuple(int(e * steps_per_epoch) for e in values.pop("sgd_lr_drop_epochs"))
+  to_steps = lambda epochs: int(epochs * steps_per_epoch)
+  values["switch_step"] = to_steps(values.pop("switch_epoch"))
+  values["sgd_lr_boundaries"] = tuple(map(to_steps, values.pop("sgd_lr_drop_epochs")))
   for name in ("adam_warmup", "adam_decay"):
-    values[f"{name}_steps"] = int(values.pop(f"{name}_epochs") * steps_per_epoch)
-  c = ml_collections.ConfigDict(values)
-  validate_optim_config(c)
-  return c
+    values[f"{name}_steps"] = to_steps(values.pop(f"{name}_epochs"))
+  if len(set(values["sgd_lr_boundaries"])) < len(values["sgd_lr_boundaries"]):
+    raise ConfigError(f"optim.sgd_lr_drop_epochs={tuple(config.sgd_lr_drop_epochs)} fall on the same step at "
+                      f"{steps_per_epoch} steps per epoch; space them further apart.")
+  return ml_collections.FrozenConfigDict(values)
 
 
-def _is_step(x) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+def _is_epoch_count(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and x >= 0
 
 
 def validate_optim_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError if `config` (a run's `config.optim`) cannot describe the optimizer."""
-  missing = sorted(set(default_optim_config().keys()) - set(config.keys()))
+  """Raises ConfigError if `config` (a run's `config.optim`, in epochs) cannot describe the optimizer."""
+  missing = sorted(set(recipe_config().keys()) - set(config.keys()))
   if missing:
-    raise ConfigError(f"optim config lacks {missing}; start from flaxtag.optim.default_optim_config().")
+    raise ConfigError(f"optim config lacks {missing}; start from flaxtag.optim.recipe_config().")
   if config.switch not in SWITCHES:
     raise ConfigError(f"optim.switch={config.switch!r} is unknown; valid values: {', '.join(SWITCHES)}.")
   for name in ("adam_lr", "sgd_lr", "swats_epsilon"):
@@ -102,17 +98,17 @@ def validate_optim_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"optim.{name}={config[name]!r} must be non-negative.")
   if config.nesterov and config.momentum == 0:
     raise ConfigError("optim.nesterov=True needs optim.momentum > 0 (as in PyTorch's SGD).")
-  for name in ("switch_step", "adam_warmup_steps", "adam_decay_steps"):
-    if not _is_step(config[name]):
-      raise ConfigError(f"optim.{name}={config[name]!r} must be a non-negative int (a step count, not epochs).")
-  boundaries = tuple(config.sgd_lr_boundaries)
-  if not all(_is_step(b) for b in boundaries):
-    raise ConfigError(f"optim.sgd_lr_boundaries={boundaries} must be non-negative ints (steps).")
-  if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
-    raise ConfigError(f"optim.sgd_lr_boundaries={boundaries} must be strictly increasing.")
-  if config.switch == "step" and boundaries and boundaries[0] < config.switch_step:
+  for name in ("switch_epoch", "adam_warmup_epochs", "adam_decay_epochs"):
+    if not _is_epoch_count(config[name]):
+      raise ConfigError(f"optim.{name}={config[name]!r} must be a non-negative number of epochs.")
+  drops = tuple(config.sgd_lr_drop_epochs)
+  if not all(_is_epoch_count(e) for e in drops):
+    raise ConfigError(f"optim.sgd_lr_drop_epochs={drops} must be non-negative numbers of epochs.")
+  if any(b >= a for b, a in zip(drops, drops[1:])):
+    raise ConfigError(f"optim.sgd_lr_drop_epochs={drops} must be strictly increasing.")
+  if config.switch == "step" and drops and drops[0] < config.switch_epoch:
     raise ConfigError(
-        f"optim.sgd_lr_boundaries={boundaries} starts before optim.switch_step={config.switch_step}; "
+        f"optim.sgd_lr_drop_epochs={drops} starts before optim.switch_epoch={config.switch_epoch}; "
         "the SGD lr can only decay after SGD has taken over.")
 
 
@@ -132,40 +128,40 @@ def _tree_vdot(a, b) -> jax.Array:
   return sum(jnp.vdot(x, y).astype(jnp.float32) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def scale_by_adam_then_sgd(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def scale_by_adam_then_sgd(schedule: ml_collections.FrozenConfigDict) -> optax.GradientTransformation:
   """Emits lr·direction (to be negated): Adam's before the switch, PyTorch SGD's (Nesterov, coupled wd) after."""
-  adam = optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+  adam = optax.scale_by_adam(b1=schedule.adam_b1, b2=schedule.adam_b2, eps=schedule.adam_eps)
   # optax.trace starts from a zero buffer, so its first step gives buf = g, like PyTorch's buffer initialised to g.
-  sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                    optax.trace(decay=config.momentum, nesterov=config.nesterov))
-  mode = config.switch
-  boundaries = tuple(config.sgd_lr_boundaries)
-  b2 = config.adam_b2
+  sgd = optax.chain(optax.add_decayed_weights(schedule.weight_decay),
+                    optax.trace(decay=schedule.momentum, nesterov=schedule.nesterov))
+  mode = schedule.switch
+  boundaries = tuple(schedule.sgd_lr_boundaries)
+  b2 = schedule.adam_b2
 
   def adam_lr_at(count):
-    lr = jnp.float32(config.adam_lr)
-    if config.adam_warmup_steps:
-      lr = lr * jnp.minimum(1.0, (count + 1) / config.adam_warmup_steps)
-    if config.adam_decay_steps:
-      progress = jnp.minimum(count, config.adam_decay_steps) / config.adam_decay_steps
+    lr = jnp.float32(schedule.adam_lr)
+    if schedule.adam_warmup_steps:
+      lr = lr * jnp.minimum(1.0, (count + 1) / schedule.adam_warmup_steps)
+    if schedule.adam_decay_steps:
+      progress = jnp.minimum(count, schedule.adam_decay_steps) / schedule.adam_decay_steps
       lr = lr * 0.5 * (1 + jnp.cos(jnp.pi * progress))
     return lr
 
   def next_lr(count, phase, sgd_lr):
     for b in boundaries:
-      sgd_lr = jnp.where(count >= b, sgd_lr * config.sgd_lr_decay, sgd_lr)
+      sgd_lr = jnp.where(count >= b, sgd_lr * schedule.sgd_lr_decay, sgd_lr)
     return jnp.where(phase == 1, sgd_lr, adam_lr_at(count)).astype(jnp.float32)
 
   def phase_at(count):
-    return (count >= config.switch_step).astype(jnp.int32) if mode == "step" else jnp.zeros([], jnp.int32)
+    return (count >= schedule.switch_step).astype(jnp.int32) if mode == "step" else jnp.zeros([], jnp.int32)
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
     phase = phase_at(count)
-    sgd_lr = jnp.float32(config.sgd_lr if mode == "step" else 0.0)
+    sgd_lr = jnp.float32(schedule.sgd_lr if mode == "step" else 0.0)
     return AdamThenSgdState(
         count=count, phase=phase,
-        switch_count=jnp.int32(config.switch_step if mode == "step" else -1),
+        switch_count=jnp.int32(schedule.switch_step if mode == "step" else -1),
         learning_rate=next_lr(count, phase, sgd_lr), sgd_lr=sgd_lr, swats_lambda=jnp.zeros([], jnp.float32),
         adam=adam.init(params), sgd=sgd.init(params))
 
@@ -187,11 +183,11 @@ def scale_by_adam_then_sgd(config: ml_collections.ConfigDict) -> optax.GradientT
         # 1 - β2^k without float32 cancellation (1 - 0.999 in float32 is off by 1e-5 relative).
         lambda_hat = swats_lambda / -jnp.expm1(k.astype(jnp.float32) * math.log(b2))
         # Not in the paper: a negative or non-finite estimate (Adam step not a descent direction) cannot be an lr.
-        switch_now = (defined & (k > 1) & (jnp.abs(lambda_hat - gamma) < config.swats_epsilon)
+        switch_now = (defined & (k > 1) & (jnp.abs(lambda_hat - gamma) < schedule.swats_epsilon)
                       & (lambda_hat > 0) & jnp.isfinite(lambda_hat))
         # The paper steps by (1 - β1)·Λ times an undamped momentum buffer; with momentum μ that buffer (and
         # Nesterov's g + μ·buf) tends to g / (1 - μ), so the PyTorch-style lr is (1 - μ)·Λ.
-        sgd_lr = jnp.where(switch_now, (1 - config.momentum) * lambda_hat, sgd_lr).astype(jnp.float32)
+        sgd_lr = jnp.where(switch_now, (1 - schedule.momentum) * lambda_hat, sgd_lr).astype(jnp.float32)
       return direction, adam_state, state.sgd, swats_lambda, switch_now, sgd_lr
 
     def sgd_branch():
@@ -216,10 +212,10 @@ def scale_by_adam_then_sgd(config: ml_collections.ConfigDict) -> optax.GradientT
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The recipe's optimizer from a run's `config.optim`; `update` needs `params` (for the weight decay)."""
-  validate_optim_config(config)
-  return optax.chain(scale_by_adam_then_sgd(config), optax.scale(-1.0))
+def make_optimizer(schedule: ml_collections.FrozenConfigDict) -> optax.GradientTransformation:
+  """The recipe's optimizer from `in_steps(config.optim, steps_per_epoch)`; `update` needs `params` (for the
+  weight decay)."""
+  return optax.chain(scale_by_adam_then_sgd(schedule), optax.scale(-1.0))
 
 
 def switch_state(opt_state: Any) -> AdamThenSgdState:
@@ -231,7 +227,7 @@ def switch_state(opt_state: Any) -> AdamThenSgdState:
 
 
 def optimizer_phase(opt_state: Any) -> jax.Array:
-  """0 if the next update is Adam, 1 if it is SGD (the training loop reloads the best params when it turns 1)."""
+  """0 if the next update is Adam, 1 if it is SGD (a metric of every train step)."""
   return switch_state(opt_state).phase
 
 

@@ -1,4 +1,5 @@
-"""Device mesh, batch sharding and multi-host start-up: the one place that knows about devices and hosts.
+"""Device mesh, batch sharding and start-up (CPU devices, joining other hosts): the one place that knows about
+devices and hosts.
 
 Data parallelism only: the mesh has one `data` axis over which batches are split, and parameters, BatchNorm
 statistics and the optimizer state are replicated. flaxtag's models have 0.3–7 M parameters (a few tens of MB with
@@ -18,9 +19,25 @@ from flaxtag.errors import ConfigError
 DATA_AXIS = "data"
 
 
+def split_cpu(num_devices: int | None = None) -> None:
+  """Makes JAX start `num_devices` CPU devices (None: one per core this process may run on), unless the process
+  chose a count already (XLA_FLAGS' --xla_force_host_platform_device_count, or jax_num_cpu_devices).
+
+  A process-wide setting, so entry points call it first thing in `main`, before JAX starts its backend; library
+  code never does. Once JAX has started, its devices stay as they are.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", num_devices or len(os.sched_getaffinity(0)))
+  except RuntimeError:
+    pass  # JAX has started already (a library call in someone's process): its devices stay as they are
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1):
-  """Joins a multi-process run. With no arguments, JAX auto-detects SLURM and Cloud TPU pods; on one machine give
-  the coordinator (e.g. 127.0.0.1:1234), the number of processes and this one's id."""
+  """Joins a multi-process run. With no arguments it joins only inside an `srun` step of several tasks or on a
+  Cloud TPU pod, where JAX finds the coordinator itself; on one machine give the coordinator (e.g.
+  127.0.0.1:1234), the number of processes and this one's id."""
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif in_slurm_job(os.environ):

@@ -222,6 +222,18 @@ def test_undecodable_file_raises(tmp_path):
   _assert_audio_error(lambda: audio.decode_audio_bytes(path.read_bytes(), name="a.zip:noise.mp3"), "a.zip:noise.mp3")
 
 
+def test_a_bug_in_decoding_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+  path = tmp_path / "fine.wav"
+  soundfile.write(path, np.zeros((100, 1), np.int16), 16000, subtype="PCM_16")
+
+  def buggy_read(*args, **kwargs):
+    raise TypeError("read() got an unexpected keyword argument")
+
+  monkeypatch.setattr(soundfile, "read", buggy_read)
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    audio.load_audio(path)
+
+
 def test_empty_file_raises(tmp_path):
   path = tmp_path / "empty.wav"
   soundfile.write(path, np.zeros((0, 2), np.int16), 44100, subtype="PCM_16")

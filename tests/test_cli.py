@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs a command in a process of its own
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # name → (config file text, the line it fails on (None: no line), the error after "FILE:LINE: ")

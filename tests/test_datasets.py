@@ -193,6 +193,7 @@ def test_missing_manual_files_are_listed(mtat_tree, tmp_path):
   assert not (tmp_path / "data").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_reports_user_errors_without_traceback(tmp_path):
   result = subprocess.run([sys.executable, "-m", "data_prep.build", "mtat", f"--data_dir={tmp_path}",
                            f"--manual_dir={tmp_path}"], capture_output=True, text=True, check=False,
@@ -294,6 +295,7 @@ def test_msd_python2_bytes_pickles(tmp_path):
   np.testing.assert_array_equal(loaded[b"TRAAAAK128F9318786"], vector)
 
 
+@pytest.mark.slow
 def test_msd_beam_build_equals_local_build(msd_tree, msd_data, tmp_path):
   pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install 'flaxtag[beam]')")
   fixtures_data.build_dataset("msd", msd_tree[0], tmp_path, num_train=6, beam=True)
@@ -305,6 +307,7 @@ def test_msd_beam_build_equals_local_build(msd_tree, msd_data, tmp_path):
   assert _manifest(tmp_path, "msd") == _manifest(msd_data, "msd")
 
 
+@pytest.mark.slow
 def test_worker_processes_build_the_same_dataset(msd_tree, msd_data, tmp_path):
   fixtures_data.build_dataset("msd", msd_tree[0], tmp_path, num_train=6, num_workers=2)
   local, pooled = _records(msd_data, "msd", "train"), _records(tmp_path, "msd", "train")

@@ -13,6 +13,8 @@ from flaxtag.inference import Tagger
 
 from train_runs import REPO
 
+pytestmark = pytest.mark.slow  # every test reads the session's trained run (a training) or runs the command
+
 
 @pytest.fixture(scope="module")
 def test_split_evaluation(trained_run):

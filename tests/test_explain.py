@@ -14,6 +14,8 @@ from flaxtag.inference import Tagger
 
 import tiny_models
 
+pytestmark = pytest.mark.slow  # every test builds and explains a model, or runs the command
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SR = 16000
 

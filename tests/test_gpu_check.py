@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole benchmark script, four runs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -51,6 +51,7 @@ def _init(name, options=heads.HeadOptions(), hierarchy=HIER, seed=0):
   return heads.init_params(jax.random.key(seed), name, D, F, hierarchy, options)
 
 
+@pytest.mark.slow
 def test_param_names_and_shapes():
   p = _init(heads.FLAT, hierarchy=None)
   assert jax.tree.map(jnp.shape, p) == {"fine": {"kernel": (D, F), "bias": (F,)}}
@@ -207,6 +208,7 @@ def test_hierarchy_loss_hand_value():
 
 
 @pytest.mark.parametrize("name, options", ALL_HEADS, ids=ALL_HEAD_IDS)
+@pytest.mark.slow
 def test_grad_finite_at_saturated_logits_and_jit(name, options):
   hier = None if name == heads.FLAT else HIER
   h, yf, yc = _inputs(3)

@@ -41,6 +41,7 @@ def spec_att():
 
 
 @pytest.mark.parametrize("frontend,backend", MODELS)
+@pytest.mark.slow
 def test_inference_forward_equals_the_plain_model(frontend, backend):
   """Tagger's forward (eval-mode attention without probabilities, max/min extremes, batch split over 8 devices and
   padded) against the model as training computes it: one device, softmax probabilities, argmax extremes."""
@@ -89,6 +90,7 @@ def long_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["long.mp3", "long.flac", "truncated.mp3"])
+@pytest.mark.slow
 def test_streamed_files_score_as_the_whole_file(spec_att, long_files, name):
   path = long_files[name]
   wave = spec_att.load_clip(path)
@@ -121,6 +123,7 @@ def test_a_file_failing_midway_is_reported_and_the_others_scored(spec_att, tmp_p
   np.testing.assert_allclose(results[1].scores.fine, spec_att.tag_waveform(good).fine, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_decoding_stays_a_bounded_distance_ahead_of_the_model(spec_att, tmp_path):
   """Whatever the number of files, decoders take a file only when few crops are waiting: at every file taken, the
   files taken but not yet handed out are within the queue's bound, plus a batch being filled, a batch being handed

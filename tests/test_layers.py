@@ -22,6 +22,7 @@ from flaxtag.models import frontends, layers
 ])
 @pytest.mark.parametrize("typed_key", [False, True])
 @pytest.mark.parametrize("kernels", ["cpu", "plain"])
+@pytest.mark.slow
 def test_dropout_draws_flax_masks(shape, rate, broadcast_dims, typed_key, kernels):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape) + 3.0, jnp.float32)  # no zeros in x
   key = jax.random.key(7) if typed_key else jax.random.PRNGKey(7)
@@ -128,12 +129,14 @@ def spec_frontend_case(request):
   return fast, plain, variables, spec
 
 
+@pytest.mark.slow
 def test_spec_frontend_inference_equals_the_plain_computation(spec_frontend_case):
   fast, plain, variables, spec = spec_frontend_case
   np.testing.assert_allclose(fast.apply(variables, spec, train=False),
                              plain.apply(_plain_variables(variables), spec, train=False), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_spec_frontend_training_equals_the_plain_computation(spec_frontend_case):
   """Output, updated BatchNorm statistics and parameter gradients of a training step."""
   fast, plain, variables, spec = spec_frontend_case

@@ -72,6 +72,7 @@ def layouts():
 
 
 @pytest.mark.parametrize("architecture", list(reference_numpy.ARCHITECTURES))
+@pytest.mark.slow
 def test_converted_random_reference_matches_numpy_reference(layouts, architecture):
   """Every architecture of the layout file: converted weights give the probabilities of an independent forward."""
   frontend, backend = reference_numpy.ARCHITECTURES[architecture]
@@ -90,6 +91,7 @@ def test_converted_random_reference_matches_numpy_reference(layouts, architectur
 
 
 @needs_reference
+@pytest.mark.slow
 def test_lee_lee_reference_checkpoint_reproduces_its_outputs(tmp_path):
   """The shipped real case, through the command line and the inference API."""
   workdir = tmp_path / "lee_lee"
@@ -138,6 +140,7 @@ def test_convert_refuses_a_config_of_another_architecture(tmp_path):
     convert(REFERENCE / "lee_lee_c16.pth", narrow, tmp_path / "w2")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_is_refused_clearly(tmp_path):
   config = model_config("raw", "cnn_l", conv_channels=4)
   model = tagger.build_model(config.model)
@@ -162,6 +165,7 @@ def small_spec_att():
   return model, tagger.init_variables(model, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_spec_model_takes_waveform_or_log_mel_alike(small_spec_att):
   model, variables = small_spec_att
   wave = np.random.default_rng(0).normal(0, 0.1, (2, 65_280)).astype(np.float32)
@@ -172,6 +176,7 @@ def test_spec_model_takes_waveform_or_log_mel_alike(small_spec_att):
     model.apply(variables, np.zeros((2, 64, 256), np.float32))
 
 
+@pytest.mark.slow
 def test_sequence_length_follows_the_input(small_spec_att):
   model, variables = small_spec_att
   longer = np.random.default_rng(1).normal(0, 0.1, (1, 3 * 65_280)).astype(np.float32)
@@ -182,6 +187,7 @@ def test_sequence_length_follows_the_input(small_spec_att):
 
 
 @pytest.mark.parametrize("frontend,backend", [("raw", "attention"), ("raw", "cnn_l"), ("spec", "cnn_p")])
+@pytest.mark.slow
 def test_every_model_accepts_inputs_longer_than_a_crop(frontend, backend):
   config = model_config(frontend, backend, conv_channels=2)
   config.model.encoder.update(width=16, num_heads=2, mlp_dim=16)
@@ -192,6 +198,7 @@ def test_every_model_accepts_inputs_longer_than_a_crop(frontend, backend):
   assert logits.shape == (2, 50) and np.all(np.isfinite(logits))
 
 
+@pytest.mark.slow
 def test_learned_positions_refuse_longer_inputs_clearly():
   config = model_config("raw", "attention", conv_channels=2)
   config.model.encoder.update(width=16, num_heads=2, mlp_dim=16, positions="learned", max_positions=271)
@@ -226,6 +233,7 @@ def test_bad_feature_and_encoder_options_are_config_errors():
     tagger.build_model(config.model)
 
 
+@pytest.mark.slow
 def test_summary_command_and_a_mistyped_override():
   base_command = [sys.executable, "-m", "flaxtag.summary", "--config", f"{REPO / 'configs' / 'mtat.py'}:raw_cnnl"]
   done = subprocess.run(base_command + ["--depth=1"], capture_output=True, text=True, cwd=REPO, check=False)

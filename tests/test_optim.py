@@ -12,9 +12,10 @@ NUM_STEPS = 7
 
 
 def _config(**overrides):
-  c = optim.default_optim_config()
+  """The recipe with `overrides` at one step per epoch, so that epochs count updates."""
+  c = optim.recipe_config()
   c.update(overrides)
-  return c
+  return optim.in_steps(c, steps_per_epoch=1)
 
 
 def _params_and_grads(seed=0, num_steps=NUM_STEPS):
@@ -62,7 +63,7 @@ def _assert_trees_close(actual, expected, rtol, atol=0.0):
 
 def test_adam_phase_equals_optax_adam():
   params, grads = _params_and_grads()
-  ours, states, _ = _run(optim.make_optimizer(_config(switch_step=3, sgd_lr_boundaries=())), params, grads)
+  ours, states, _ = _run(optim.make_optimizer(_config(switch_epoch=3, sgd_lr_drop_epochs=())), params, grads)
   adam, _, _ = _run(optax.adam(1e-4), params, grads[:3])
   for step in range(3):
     assert int(optim.optimizer_phase(states[step])) == 0
@@ -74,7 +75,7 @@ def test_sgd_phase_equals_pytorch_sgd_with_fresh_buffer_and_lr_boundaries():
   switch_step, boundaries = 2, (4, 5)
   params, grads = _params_and_grads(seed=1)
   ours, states, params_seq = _run(
-      optim.make_optimizer(_config(switch_step=switch_step, sgd_lr_boundaries=boundaries)), params, grads)
+      optim.make_optimizer(_config(switch_epoch=switch_step, sgd_lr_drop_epochs=boundaries)), params, grads)
   lrs = [1e-4, 1e-4, 1e-3, 1e-3, 1e-4, 1e-5, 1e-5]
   np.testing.assert_allclose([float(optim.current_learning_rate(s)) for s in states[:-1]], lrs, rtol=1e-6)
   assert [int(optim.optimizer_phase(s)) for s in states] == [0, 0, 1, 1, 1, 1, 1, 1]
@@ -87,7 +88,7 @@ def test_pytorch_sgd_itself_if_available():
   torch = pytest.importorskip("torch")
   switch_step = 2
   params, grads = _params_and_grads(seed=2)
-  ours, _, params_seq = _run(optim.make_optimizer(_config(switch_step=switch_step, sgd_lr_boundaries=())),
+  ours, _, params_seq = _run(optim.make_optimizer(_config(switch_epoch=switch_step, sgd_lr_drop_epochs=())),
                              params, grads)
   tparams = [torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True)
              for v in params_seq[switch_step].values()]
@@ -103,7 +104,7 @@ def test_pytorch_sgd_itself_if_available():
 
 def test_adam_moments_frozen_and_sgd_buffer_fresh():
   params, grads = _params_and_grads()
-  _, states, _ = _run(optim.make_optimizer(_config(switch_step=3, sgd_lr_boundaries=())), params, grads)
+  _, states, _ = _run(optim.make_optimizer(_config(switch_epoch=3, sgd_lr_drop_epochs=())), params, grads)
   adam_at_switch = _switch_state(states[3]).adam
   for s in (states[0], states[3]):
     assert all(not np.any(np.asarray(t)) for t in jax.tree.leaves(_switch_state(s).sgd))
@@ -118,7 +119,7 @@ def _shapes(tree):
 
 def test_state_structure_is_fixed_across_the_switch_and_modes():
   params, grads = _params_and_grads()
-  _, states, _ = _run(optim.make_optimizer(_config(switch_step=3)), params, grads)
+  _, states, _ = _run(optim.make_optimizer(_config(switch_epoch=3)), params, grads)
   first = jax.tree_util.tree_structure(states[0])
   assert all(jax.tree_util.tree_structure(s) == first for s in states)
   assert all(_shapes(s) == _shapes(states[0]) for s in states)
@@ -130,7 +131,7 @@ def test_state_structure_is_fixed_across_the_switch_and_modes():
 
 def test_none_is_adam_throughout():
   params, grads = _params_and_grads(seed=3)
-  ours, states, _ = _run(optim.make_optimizer(_config(switch="none", switch_step=1)), params, grads)
+  ours, states, _ = _run(optim.make_optimizer(_config(switch="none", switch_epoch=1)), params, grads)
   adam, _, _ = _run(optax.adam(1e-4), params, grads)
   for ours_step, adam_step in zip(ours, adam):
     _assert_trees_close(ours_step, adam_step, rtol=1e-7)
@@ -139,7 +140,7 @@ def test_none_is_adam_throughout():
 
 def test_adam_warmup_and_cosine_decay_equal_adam_with_that_schedule():
   params, grads = _params_and_grads(seed=4)
-  config = _config(switch="none", adam_lr=1e-3, adam_warmup_steps=2, adam_decay_steps=5)
+  config = _config(switch="none", adam_lr=1e-3, adam_warmup_epochs=2, adam_decay_epochs=5)
   ours, states, _ = _run(optim.make_optimizer(config), params, grads)
   # Update k: lr·min(1, (k+1)/2)·½(1 + cos(π·min(k, 5)/5)), written out.
   c = [0.5 * (1 + np.cos(np.pi * k / 5)) for k in range(6)]
@@ -172,7 +173,7 @@ def _quadratic():
 def test_swats_estimate_equals_paper_formula():
   # A huge epsilon makes SWATS switch at the first step allowed (k = 2), with a lr that NumPy can check.
   x, curvature = _quadratic()
-  tx = optim.make_optimizer(_config(switch="swats", swats_epsilon=1e9, adam_lr=1e-2, sgd_lr_boundaries=()))
+  tx = optim.make_optimizer(_config(switch="swats", swats_epsilon=1e9, adam_lr=1e-2, sgd_lr_drop_epochs=()))
   update = jax.jit(tx.update)
   adam = optax.adam(1e-2)
   adam_update = jax.jit(adam.update)
@@ -203,7 +204,7 @@ def test_swats_estimate_equals_paper_formula():
 def test_swats_switches_on_a_quadratic():
   x, curvature = _quadratic()
   # The paper's absolute epsilon (1e-9) is below float32 noise on γ at this scale; this one switches mid-run.
-  tx = optim.make_optimizer(_config(switch="swats", swats_epsilon=3e-5, adam_lr=1e-2, sgd_lr_boundaries=()))
+  tx = optim.make_optimizer(_config(switch="swats", swats_epsilon=3e-5, adam_lr=1e-2, sgd_lr_drop_epochs=()))
 
   @jax.jit
   def train(x):
@@ -228,11 +229,11 @@ def test_swats_switches_on_a_quadratic():
 
 
 def test_default_config_is_the_recipe_in_steps():
-  c = optim.default_optim_config(steps_per_epoch=10)
+  c = optim.in_steps(optim.recipe_config(), steps_per_epoch=10)
   assert (c.switch, c.adam_lr, c.sgd_lr, c.momentum, c.nesterov, c.weight_decay) == (
       "step", 1e-4, 1e-3, 0.9, True, 1e-4)
   assert c.switch_step == 600 and tuple(c.sgd_lr_boundaries) == (800, 1000)
-  state = optim.make_optimizer(optim.default_optim_config()).init({"w": jnp.zeros(2)})
+  state = optim.make_optimizer(_config()).init({"w": jnp.zeros(2)})
   assert int(optim.optimizer_phase(state)) == 0
   assert float(optim.current_learning_rate(state)) == np.float32(1e-4)
 
@@ -241,10 +242,11 @@ def test_default_config_is_the_recipe_in_steps():
     (dict(switch="adam"), "step, swats, none"),
     (dict(adam_lr=-1e-4), "adam_lr"),
     (dict(sgd_lr=-1e-3), "sgd_lr"),
-    (dict(switch_step=100, sgd_lr_boundaries=(300, 200)), "increasing"),
-    (dict(switch_step=100, sgd_lr_boundaries=(50, 200)), "before"),
-    (dict(switch_step=-1), "switch_step"),
-    (dict(adam_decay_steps=-3), "adam_decay_steps"),
+    (dict(switch_epoch=100, sgd_lr_drop_epochs=(300, 200)), "increasing"),
+    (dict(switch_epoch=100, sgd_lr_drop_epochs=(50, 200)), "before"),
+    (dict(switch_epoch=-1), "switch_epoch"),
+    (dict(adam_decay_epochs=-3), "adam_decay_epochs"),
+    (dict(switch_epoch=1, sgd_lr_drop_epochs=(1.2, 1.5)), "same step"),
     (dict(momentum=1.0), "momentum"),
     (dict(swats_epsilon=0.0), "swats_epsilon"),
 ])
@@ -254,7 +256,7 @@ def test_config_errors(overrides, message):
 
 
 def test_missing_config_field_is_a_config_error():
-  c = _config()
-  del c["switch_step"]
-  with pytest.raises(ConfigError, match="switch_step"):
-    optim.make_optimizer(c)
+  c = optim.recipe_config()
+  del c["switch_epoch"]
+  with pytest.raises(ConfigError, match="switch_epoch"):
+    optim.in_steps(c, steps_per_epoch=1)

@@ -31,21 +31,23 @@ def reference_model(frontend, backend, **model_overrides):
   return tagger.build_model(config.model)
 
 
-def adam_like_the_reference():
+def adam_like_the_reference(num_steps):
   """flaxtag's recipe optimizer in its Adam phase: torch.optim.Adam(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)."""
-  config = optim.default_optim_config()
+  config = optim.recipe_config()
   config.update(adam_lr=1e-4, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8)
-  return optim.make_optimizer(config)
+  # The `num_steps` updates make one epoch, far before the switch (epoch 60).
+  return optim.make_optimizer(optim.in_steps(config, steps_per_epoch=num_steps))
 
 
 def train(model, variables, batches):
   """Runs flaxtag's own train step (8-device mesh, global-batch BatchNorm) over `batches`; (state, losses)."""
   mesh = sharding.make_mesh()
-  tx = adam_like_the_reference()
+  tx = adam_like_the_reference(len(batches))
   params = jax.device_put(variables["params"], sharding.replicated(mesh))
   state = TrainState(step=jax.device_put(np.int32(0), sharding.replicated(mesh)), params=params,
                      batch_stats=jax.device_put(variables["batch_stats"], sharding.replicated(mesh)),
-                     opt_state=jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(params))
+                     opt_state=jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(params),
+                     first_nonfinite_step=jax.device_put(np.int32(-1), sharding.replicated(mesh)))
   step = make_train_step(model, tx, seed=0, mesh=mesh)
   losses = []
   for batch in batches:
@@ -88,6 +90,7 @@ def pytorch_running_stats(state_dict, batch_stats):
 
 
 @pytest.mark.parametrize("architecture", list(reference_numpy.ARCHITECTURES))
+@pytest.mark.slow
 def test_batch_norm_running_statistics_follow_pytorch(layouts, architecture):
   """A training forward's BatchNorm updates, the fused timbre convs' and input BatchNorm's included, equal an
   independent numpy computation of PyTorch's rule."""

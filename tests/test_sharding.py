@@ -1,4 +1,9 @@
-"""Multi-host start-up decisions read from a scheduler's environment (the SLURM variables as srun sets them)."""
+"""Start-up decisions: CPU devices, and joining other hosts read from a scheduler's environment (the SLURM variables
+as srun sets them)."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from flaxtag import sharding
@@ -25,3 +30,17 @@ def test_a_task_uses_every_gpu_bound_to_it():
   environ = {**STEP, "SLURM_NTASKS": "8", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
   assert sharding.slurm_local_device_ids(environ) is None
   assert sharding.slurm_local_device_ids({**STEP, "SLURM_NTASKS": "2"}) is None  # CPU nodes
+
+
+def _devices_after_split_cpu(xla_flags):
+  """jax.device_count() of a fresh process that calls split_cpu(3) before JAX starts, under `xla_flags`."""
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+  code = "from flaxtag import sharding; sharding.split_cpu(3); import jax; print(jax.device_count())"
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+  return int(done.stdout)
+
+
+@pytest.mark.slow
+def test_split_cpu_sets_the_device_count_unless_the_process_chose_one():
+  assert _devices_after_split_cpu("") == 3
+  assert _devices_after_split_cpu("--xla_force_host_platform_device_count=2") == 2

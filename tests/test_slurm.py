@@ -16,6 +16,8 @@ import pytest
 
 from train_runs import REPO, SGD, SGD_STEPS, assert_same_model, config_flags, last_logged_step, records
 
+pytestmark = pytest.mark.slow  # a SLURM cluster and trainings under it
+
 SLURM_DIR = REPO / "tests" / "slurm"
 
 

@@ -57,6 +57,7 @@ def test_tables_report_mean_and_sample_std_over_seeds():
   assert table[3] == "| gmp | 0.9300 ± 0.0200 | 0.5000 ± 0.0000 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | 0.0000 ± 0.0000 | 3 |"
 
 
+@pytest.mark.slow
 def test_study_trains_tests_and_resumes(synth_data_dir, tmp_path):
   """A one-variant, one-seed study of the tiny model: its line equals a fresh evaluation of its best checkpoint,
   and a rerun adds nothing. Its run validates every 2nd epoch (as the study's config does every 3rd) and the last."""

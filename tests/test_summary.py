@@ -74,6 +74,7 @@ def test_summary_rows_and_totals(model_name, head):
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference files not found at {REFERENCE}")
 @pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.slow
 def test_summary_command_counts_the_reference_models(model_name):
   """The real command on each model's config: the reference state_dict's parameters and running statistics."""
   config = REPO / "configs" / f"mtat.py:{model_name}"
@@ -84,6 +85,7 @@ def test_summary_command_counts_the_reference_models(model_name):
 
 
 @pytest.mark.parametrize("head", heads.HEAD_NAMES)
+@pytest.mark.slow
 def test_summary_command_for_every_head(head, tmp_path):
   """Spec+Att on the synthetic instruments without the dataset built: the hierarchy is the one data_prep ships."""
   config = REPO / "configs" / f"synth.py:{head}"

@@ -117,6 +117,7 @@ def test_tag_files_reports_the_corrupt_file_and_tags_the_rest(tagger, files):
   assert all(len(r.scores.starts) == 16 for r in good[1:])
 
 
+@pytest.mark.slow
 def test_batch_size_and_device_count_do_not_change_results(tagger, workdir, files):
   one_device = Tagger.load(workdir, devices=jax.local_devices()[:1])
   assert one_device.round_batch(1) == 1 and tagger.round_batch(1) == 8 and tagger.round_batch(20) == 24
@@ -193,6 +194,7 @@ def test_json_timeline_lists_every_tag_per_crop(hierarchical, files):
   assert set(crops[0]["coarse_tags"]) == set(tiny_models.HIERARCHY)
 
 
+@pytest.mark.slow
 def test_command_line_tags_files_and_reports_the_corrupt_one(tagger, workdir, files):
   result = subprocess.run(
       [sys.executable, "-m", "flaxtag.tag", *files, "--workdir", str(workdir), "--format", "json", "--batch_size",
@@ -319,6 +321,7 @@ def test_non_finite_audio_is_an_error_and_json_stays_json(tagger, library):
   assert status == 1 and _strict_json(text) == [{"file": paths[0], "error": entries[0]["error"]}]
 
 
+@pytest.mark.slow
 def test_command_line_tags_a_directory_into_json_lines(workdir, library, tmp_path):
   output = tmp_path / "tags.jsonl"
   command = [sys.executable, "-m", "flaxtag.tag", str(library / "rock"), "--workdir", str(workdir), "--output",

@@ -24,6 +24,8 @@ from flaxtag.inference import Tagger
 from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, free_port, last_logged_step, records,
                         run_config, train_command, wait_for)
 
+pytestmark = pytest.mark.slow  # every test trains, or runs commands in processes of their own
+
 
 def run(args, devices, timeout=600):
   done = subprocess.run(args, cwd=REPO, env=devices_env(devices), capture_output=True, text=True, timeout=timeout)

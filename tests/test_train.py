@@ -16,6 +16,7 @@ from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, fr
                         run_config, train_command)
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   workdir, scalars = trained_run
   valid = records(workdir, "valid")
@@ -44,6 +45,7 @@ def _two_processes(data_dir, workdir, log_dir, **overrides):
   return processes, logs
 
 
+@pytest.mark.slow
 def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data_dir, sgd_run, tmp_path):
   """2 processes × 4 devices: SIGTERM to one process only, or to both at different moments, makes both save the
   same step and exit with status 0; resuming after each stop ends where an uninterrupted run (1 × 8) does."""
@@ -83,6 +85,7 @@ def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data
                                [r[key] for r in records(sgd_run, "valid")], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(synth_data_dir, tmp_path):
   config = run_config(synth_data_dir, **{"optim.adam_lr": 1e8, "train.num_epochs": 2})
   with pytest.raises(train.TrainingDiverged, match=r"not finite at step (\d+) \(noticed at step \d+\); stopped. "
@@ -112,5 +115,5 @@ def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
     (10, -1, False),  # SWATS not switched yet: its lr drops do not count
 ])
 def test_stage_change_detection(step, switch_count, expected):
-  config = optim.default_optim_config(steps_per_epoch=1)  # boundaries at steps 80 and 100
+  config = optim.in_steps(optim.recipe_config(), steps_per_epoch=1)  # boundaries at steps 80 and 100
   assert train.stage_changed_in_epoch(config, step, 10, switch_count) is expected

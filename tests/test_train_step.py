@@ -20,9 +20,9 @@ def tiny_model(frontend="spec", backend="attention", head="flat", hierarchy=None
 def sgd_config():
   # SGD from the first step: its update is linear in the gradient. (Adam's first update is ±lr·sign(g), which
   # turns rounding noise in near-zero gradients, e.g. of conv biases before a BatchNorm, into ±lr.)
-  config = optim.default_optim_config()
-  config.update(switch_step=0, sgd_lr_boundaries=())
-  return config
+  config = optim.recipe_config()
+  config.update(switch_epoch=0, sgd_lr_drop_epochs=())
+  return optim.in_steps(config, steps_per_epoch=1)
 
 
 def one_step(model, devices, batch, seed=0):
@@ -40,6 +40,7 @@ def random_batch(model, size=8, num_tags=6, seed=0):
 
 
 @pytest.mark.parametrize("frontend,backend", [("spec", "attention"), ("raw", "cnn_l")])
+@pytest.mark.slow
 def test_one_step_on_eight_devices_equals_one_device(frontend, backend):
   assert jax.device_count() == 8
   model = tiny_model(frontend, backend)
@@ -55,6 +56,7 @@ def test_one_step_on_eight_devices_equals_one_device(frontend, backend):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_depends_on_seed_and_step_only():
   model = tiny_model("raw", "cnn_l")  # dropout before the head; quick to compile
   batch = random_batch(model)
@@ -66,6 +68,7 @@ def test_dropout_depends_on_seed_and_step_only():
   assert not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c)))
 
 
+@pytest.mark.slow
 def test_predict_step_averages_crops_and_keeps_rows_in_order():
   hierarchy = Hierarchy.from_mapping({"strings": ["violin", "cello"], "keys": ["piano", "organ", "harpsichord"],
                                       "winds": ["flute"]})
@@ -93,6 +96,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     sharding.check_global_batch_size(12, sharding.make_mesh())
 
 
+@pytest.mark.slow
 def test_the_first_non_finite_step_is_carried_in_the_state():
   """Every step is checked on the device: the first step with a non-finite loss stays recorded, whatever follows."""
   model = tiny_model("raw", "cnn_l")
