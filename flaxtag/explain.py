@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from flaxtag import audio, cli, crops, inference
+from flaxtag import audio, cli, crops, sharding
 from flaxtag.errors import FlaxtagError
 from flaxtag.inference import Tagger
 from flaxtag.models import heads
@@ -216,7 +216,8 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m flaxtag.explain FILE --workdir W --out DIR [--tags a,b]")
   f, path = flags.FLAGS, argv[1]
-  inference.use_every_cpu_core()
+  # One device per core: XLA:CPU runs many of one device's ops on one thread (1.5x the crops/s on 2 cores).
+  sharding.split_cpu()
   tagger = Tagger.load(f.workdir, f.checkpoint)
   refuse_without_attention(tagger, f.workdir)
   explanation = explain(tagger, tagger.load_clip(path), f.tags, f.offset_seconds, f.chunk_size)

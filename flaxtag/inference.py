@@ -11,11 +11,10 @@ Where crops start and how they are cut: `flaxtag.crops`. Many files, decoded in 
 Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
 (`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
 replicated; `Tagger._run` is the one place here that places arrays), with batch sizes rounded up to a multiple of
-the device count. On a CPU, `use_every_cpu_core()` (the tag and explain commands call it) makes those devices one
+the device count. On a CPU, `sharding.split_cpu()` (the tag and explain commands call it) makes those devices one
 per core.
 """
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
@@ -30,20 +29,6 @@ from flaxtag.models import heads, tagger
 BATCH_SIZE = 16
 # Shorter clips are refused: a crop would be mostly zero padding, and its tags mostly about the padding.
 MIN_CLIP_SECONDS = 1.0
-
-
-def use_every_cpu_core():
-  """On a CPU, makes JAX start one device per core (unless the process chose a count): call before JAX starts.
-
-  XLA:CPU runs many of one device's ops (softmax, GELU, the front-end's reductions) on one thread; a batch split
-  over one device per core keeps every core busy: 1.5x the crops/s of one device on 2 cores (BENCHMARKS.md).
-  """
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
-    return
-  try:
-    jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))
-  except RuntimeError:
-    pass  # JAX has started already (this is a library call in someone's process): its devices stay as they are
 
 
 @dataclasses.dataclass(frozen=True)

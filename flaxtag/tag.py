@@ -40,7 +40,7 @@ from absl import flags
 import numpy as np
 from tqdm import tqdm
 
-from flaxtag import audio, cli, crops, inference
+from flaxtag import audio, cli, crops, sharding
 from flaxtag.errors import AudioError, FlaxtagError
 from flaxtag.inference import BATCH_SIZE, Scores, Tagger
 
@@ -501,7 +501,8 @@ def main(argv):
     raise app.UsageError("usage: python -m flaxtag.tag DIR_OR_FILE... --workdir W [--output tags.jsonl] "
                          "[--format table|json|csv] [--timeline]")
   f = flags.FLAGS
-  inference.use_every_cpu_core()
+  # One device per core: XLA:CPU runs many of one device's ops on one thread (1.5x the crops/s on 2 cores).
+  sharding.split_cpu()
   tagger = Tagger.load(f.workdir, f.checkpoint)
   return tag_paths(tagger, argv[1:], f.format, f.top_k, f.timeline, f.hop_seconds, f.num_crops, f.batch_size,
                    f.output)

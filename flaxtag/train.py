@@ -2,8 +2,9 @@
 
   python -m flaxtag.train --config configs/mtat.py:spec_att --workdir runs/spec_att [--config.train.batch_size=32]
 
-Every epoch ends with a 16-crop validation and a checkpoint (model, optimizer state, data-iterator state, config,
-metadata); the latest `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
+Every epoch ends with a checkpoint (model, optimizer state, data-iterator state, config, metadata), every
+`train.eval_every_epochs`-th epoch and the last with a 16-crop validation first; the latest
+`train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
 same command resumes from the latest checkpoint, on any number of devices and processes, and continues exactly as
 an uninterrupted run would; log records after the restored step are dropped first. SIGTERM (a preemption) to any
 process makes every process save the same step and exit with status 0. When the optimizer switches (Adam → SGD) or
