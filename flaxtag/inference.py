@@ -87,20 +87,25 @@ class Tagger:
   @classmethod
   def load(cls, workdir, checkpoint_step: str | int = "best", devices: Sequence[jax.Device] | None = None
            ) -> "Tagger":
-    """Loads `best` (by validation ROC-AUC), `latest`, or a step number from WORKDIR/checkpoints.
+    """Loads `best` (by validation ROC-AUC), `latest`, or a step number from WORKDIR/checkpoints; for `best` and
+    `latest`, a damaged step is named on stderr and the newest intact step loaded instead.
 
     `devices` (default: all local devices) are those batches are split over. The model computes in bfloat16 where
     the run did (`config.half_precision`), as its validation did.
     """
     manager = checkpoint.open_manager(workdir, read_only=True)
-    step = checkpoint.resolve_step(manager, checkpoint_step)
-    config, metadata = checkpoint.load_config(manager, step)
-    hierarchy = None
-    if metadata.get("hierarchy"):
-      hierarchy = Hierarchy.from_mapping(metadata["hierarchy"], fine_tags=metadata.get("tag_names"),
-                                         source=f"{workdir} checkpoint metadata")
-    model = tagger.build_model(config.model, hierarchy, config.get("half_precision", False))
-    variables = checkpoint.restore_variables(manager, step, tagger.abstract_variables(model))
+
+    def read(step):
+      config, metadata = checkpoint.load_config(manager, step)
+      hierarchy = None
+      if metadata.get("hierarchy"):
+        hierarchy = Hierarchy.from_mapping(metadata["hierarchy"], fine_tags=metadata.get("tag_names"),
+                                           source=f"{workdir} checkpoint metadata")
+      model = tagger.build_model(config.model, hierarchy, config.get("half_precision", False))
+      return model, checkpoint.restore_variables(manager, step, tagger.abstract_variables(model)), config, metadata
+
+    # A damaged 'best' or 'latest' step gives way to the newest intact one (named on stderr).
+    step, (model, variables, config, metadata) = checkpoint.read_step(manager, checkpoint_step, read)
     manager.close()
     return cls(model, variables, config, {**metadata, "step": step}, devices)
 

@@ -6,24 +6,32 @@ Every epoch ends with a checkpoint (model, optimizer state, data-iterator state,
 `train.eval_every_epochs`-th epoch and the last with a 16-crop validation first; the latest
 `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
 same command resumes from the latest checkpoint, on any number of devices and processes, and continues exactly as
-an uninterrupted run would; log records after the restored step are dropped first. SIGTERM (a preemption) to any
-process makes every process save the same step and exit with status 0. When the optimizer switches (Adam → SGD) or
-the SGD learning rate drops, training continues from the best parameters so far (SPEC §4).
+an uninterrupted run would; log records after the restored step are dropped first. A damaged latest step is
+named, set aside in WORKDIR/damaged_checkpoints, and the run resumes from the newest intact step. SIGTERM (a
+preemption) to any process makes every process save the same step and exit with status 0. When the optimizer
+switches (Adam → SGD) or the SGD learning rate drops, training continues from the best parameters so far (SPEC §4).
+
+One run trains in a workdir at a time (WORKDIR/train.lock, `run_lock`). A checkpoint that cannot be saved (a full
+disk) stops the run with one error; its validation records in metrics.jsonl get `"checkpoint_saved": false`.
+A run that looks diverged (`DivergenceWatch`) is warned about once, on stderr and in metrics.jsonl.
 """
 import dataclasses
 import math
+import os
+import shutil
 import signal
 import sys
 import time
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from flaxtag import checkpoint, cli, input_pipeline, optim, sharding
+from flaxtag import checkpoint, cli, input_pipeline, optim, run_lock, sharding
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError, FlaxtagError
 from flaxtag.hierarchy import load_hierarchy
@@ -33,6 +41,14 @@ from flaxtag.train_step import TrainState, create_train_state, make_predict_step
 
 OPTIMIZER = "optimizer"  # checkpoint item: {'step', 'opt_state'}
 DATA_ITERATOR = "data_iterator"  # checkpoint item: the grain iterator state (JSON)
+DAMAGED_DIR = "damaged_checkpoints"  # in the workdir: steps set aside because they could not be restored
+
+# When to warn that a run looks diverged: for DIVERGENCE_EVALS validations in a row, the mean training loss since
+# the previous validation stayed above DIVERGENCE_LOSS_FACTOR × the loss of the first step, or the validation
+# ROC-AUC stayed within CHANCE_AUC_MARGIN of chance (0.5).
+DIVERGENCE_EVALS = 3
+DIVERGENCE_LOSS_FACTOR = 10.0
+CHANCE_AUC_MARGIN = 0.02
 
 
 class TrainingDiverged(FlaxtagError):
@@ -108,28 +124,50 @@ def _save(manager, run: Run, state: TrainState, data_iterator, metrics=None):
                       DATA_ITERATOR: ocp.args.JsonSave(data_iterator.get_state())})
 
 
-def _restore(manager, step: int, state: TrainState, data_iterator) -> TrainState:
-  """The state saved at `step`, restored onto the shardings of `state` (this run's mesh, whatever wrote it)."""
+def _resume(manager, workdir, state: TrainState, data_iterator) -> TrainState:
+  """The state of the newest intact step, restored onto the shardings of `state` (this run's mesh, whatever wrote
+  it). Damaged newer steps are moved to WORKDIR/damaged_checkpoints, so that the run saves those steps anew."""
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-  where = f"checkpoint {manager.directory}/{step}"
-  checkpoint.check_tree_fits(checkpoint.item_shapes(manager, step, checkpoint.MODEL), abstract.variables, where)
-  restored = checkpoint.restore(manager, step, {
-      checkpoint.MODEL: ocp.args.StandardRestore(abstract.variables),
-      OPTIMIZER: ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
-      DATA_ITERATOR: ocp.args.JsonRestore()})
+
+  def read(step):
+    where = f"checkpoint {manager.directory}/{step}"
+    checkpoint.check_tree_fits(checkpoint.item_shapes(manager, step, checkpoint.MODEL), abstract.variables, where)
+    return checkpoint.restore(manager, step, {
+        checkpoint.MODEL: ocp.args.StandardRestore(abstract.variables),
+        OPTIMIZER: ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
+        DATA_ITERATOR: ocp.args.JsonRestore()})
+
+  step, restored = checkpoint.read_step(manager, "latest", read)
+  damaged = [s for s in manager.all_steps() if s > step]
+  if damaged:
+    if jax.process_index() == 0:
+      for s in damaged:
+        _set_aside(os.path.join(os.fspath(manager.directory), str(s)), os.path.join(workdir, DAMAGED_DIR))
+      _tell(f"moved the damaged step(s) {', '.join(map(str, damaged))} to {os.path.join(workdir, DAMAGED_DIR)}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("flaxtag: damaged steps set aside")
+    manager.reload()
   data_iterator.set_state(restored[DATA_ITERATOR])
   variables = restored[checkpoint.MODEL]
   return state.replace(step=restored[OPTIMIZER]["step"], params=variables["params"],
                        batch_stats=variables["batch_stats"], opt_state=restored[OPTIMIZER]["opt_state"])
 
 
+def _set_aside(step_dir: str, damaged_dir: str):
+  os.makedirs(damaged_dir, exist_ok=True)
+  target, n = os.path.join(damaged_dir, os.path.basename(step_dir)), 1
+  while os.path.exists(target):  # the same step damaged again in a later attempt
+    target, n = os.path.join(damaged_dir, f"{os.path.basename(step_dir)}.{n}"), n + 1
+  shutil.move(step_dir, target)
+
+
 def _reload_best(manager, state: TrainState) -> TrainState:
-  """The best model so far (by validation ROC-AUC), keeping the optimizer state and step."""
+  """The best model so far (by validation ROC-AUC; the newest intact step where the best is damaged), keeping the
+  optimizer state and step."""
   manager.wait_until_finished()
-  best = checkpoint.resolve_step(manager, "best")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state.variables)
-  variables = checkpoint.restore(manager, best, {checkpoint.MODEL: ocp.args.StandardRestore(abstract)}
-                                 )[checkpoint.MODEL]
+  best, variables = checkpoint.read_step(manager, "best", lambda step: checkpoint.restore(
+      manager, step, {checkpoint.MODEL: ocp.args.StandardRestore(abstract)})[checkpoint.MODEL])
   _tell(f"optimizer stage changes after step {int(state.step)}: continuing from the best checkpoint, step {best}")
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
@@ -182,8 +220,60 @@ def validate(run: Run, predict_step, state: TrainState, split: str = "valid") ->
   return evaluation.report(predictions, run.info.tags, run.model.hierarchy)
 
 
+class DivergenceWatch:
+  """Tells, once per run, when training looks diverged (see DIVERGENCE_EVALS). Built from the metrics.jsonl
+  records kept from earlier attempts, so that a resumed run continues the count and does not warn twice."""
+
+  def __init__(self, records: list[dict]):
+    self.first_loss = None
+    self._losses = []  # since the last validation
+    self._high_loss = []  # steps of the validations in a row after which the loss was high
+    self._at_chance = []  # ... at which ROC-AUC was at chance
+    self.warned = False
+    for record in records:
+      if record["kind"] == "train":
+        self.train_loss(record["step"], record["loss"])
+      elif record["kind"] == "valid":
+        self.validated(record["step"], record["roc_auc"])
+      elif record["kind"] == "warning":
+        self.warned = True
+
+  def train_loss(self, step: int, loss: float):
+    if self.first_loss is None:
+      self.first_loss = (step, loss)
+    self._losses.append(loss)
+
+  def validated(self, step: int, roc_auc: float | None) -> str | None:
+    """The warning, the first time the run looks diverged; else None."""
+    mean_loss = sum(self._losses) / len(self._losses) if self._losses else None
+    self._losses = []
+    high = mean_loss is not None and mean_loss > DIVERGENCE_LOSS_FACTOR * self.first_loss[1]
+    self._high_loss = self._high_loss + [step] if high else []
+    chance = roc_auc is not None and abs(roc_auc - 0.5) < CHANCE_AUC_MARGIN
+    self._at_chance = self._at_chance + [step] if chance else []
+    signs = []
+    if len(self._high_loss) >= DIVERGENCE_EVALS:
+      signs.append(f"the mean training loss stayed above {DIVERGENCE_LOSS_FACTOR:g}× its first value "
+                   f"({self.first_loss[1]:.4g} at step {self.first_loss[0]}; now {mean_loss:.4g})")
+    if len(self._at_chance) >= DIVERGENCE_EVALS:
+      signs.append(f"validation ROC-AUC stayed within {CHANCE_AUC_MARGIN} of chance (now {roc_auc:.4f})")
+    if not signs or self.warned:
+      return None
+    self.warned = True
+    steps = self._high_loss if len(self._high_loss) >= DIVERGENCE_EVALS else self._at_chance
+    return (f"training looks diverged: over the last {len(steps)} validations (steps "
+            f"{', '.join(map(str, steps))}), {' and '.join(signs)}. Lower the learning rate (config.optim.adam_lr) "
+            "or check the data.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run of `config` in `workdir`; returns the last validation scalars."""
+  """Trains (or resumes) the run of `config` in `workdir`; returns the last validation scalars. Raises
+  run_lock.WorkdirBusy where another run trains in `workdir`."""
+  with run_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup(config)
   tx = optim.make_optimizer(run.optim_config)
   state = create_train_state(run.model, tx, jax.random.key(config.seed), run.mesh)
@@ -194,19 +284,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       crop_len=tagger.crop_samples(run.model), seed=config.seed, worker_count=config.data.worker_count)
   manager = _manager(workdir, config)
   if manager.latest_step() is not None:
-    state = _restore(manager, manager.latest_step(), state, data_iterator)
+    state = _resume(manager, workdir, state, data_iterator)
     _tell(f"resuming {workdir} from step {int(state.step)} on {jax.device_count()} devices, "
           f"{jax.process_count()} process(es)")
   step = int(state.step)
   writer = MetricWriter(workdir, resume_step=step)
+  divergence = DivergenceWatch(writer.records)
   stop = StopRequests(manager)
   scalars = {}
+  bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
   try:
     if step and step % run.steps_per_epoch == 0 and step < run.total_steps:
       # Resumed at an epoch end: redo the stage-change reload, which does not change the saved state.
       state = _maybe_reload(manager, run, state, step)
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=jax.process_index() != 0)
     window_start, window_steps = time.perf_counter(), 0
     while step < run.total_steps:
       state, metrics = train_step(state, sharding.global_batch(next(data_iterator), run.mesh))
@@ -219,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(int(first_nonfinite), step, workdir, manager)
         rate = window_steps * config.train.batch_size / (time.perf_counter() - window_start)
         writer.write(step, "train", {**metrics, "examples_per_second": rate})
+        divergence.train_loss(step, float(metrics["loss"]))
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
         window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
@@ -229,6 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, "valid", {**scalars, "epoch": epoch})
         if jax.process_index() == 0:
           bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        if warning := divergence.validated(step, _finite_or_none(scalars["roc_auc"])):
+          if jax.process_index() == 0:
+            bar.write(f"warning: {warning}", file=sys.stderr)  # on a line of its own, not after the progress bar
+          writer.write(step, "warning", {"warning": "diverged", "message": warning})
         _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
       elif epoch_end or stopping:
         _save(manager, run, state, data_iterator)
@@ -239,8 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sys.exit(0)
       if epoch_end and step < run.total_steps:
         state = _maybe_reload(manager, run, state, step)
-    bar.close()
+    manager.wait_until_finished()  # the last save's failure, if any, is reported here
+  except checkpoint.SaveError as e:
+    writer.mark_unsaved(max(e.saved_steps, default=0))
+    raise
   finally:
+    bar.close()  # ends the progress line, so that an error starts a line of its own
     stop.close()
     manager.wait_until_finished()
     manager.close()

@@ -134,9 +134,10 @@ def test_unreadable_checkpoints_are_one_clear_error(trained_run, tmp_path):
   manager = checkpoint.open_manager(workdir, read_only=True)
   latest = manager.latest_step()
   shutil.rmtree(workdir / "checkpoints" / str(latest) / "metadata")
-  with pytest.raises(CheckpointError, match=rf"checkpoints/{latest} has no metadata item"):
-    Tagger.load(workdir, "latest")
-  done = subprocess.run([sys.executable, "-m", "flaxtag.eval", "--workdir", workdir, "--checkpoint", "latest"],
+  # Asked for by number: an error ('latest' and 'best' use the newest intact step, test_checkpoint_integrity).
+  with pytest.raises(CheckpointError, match=rf"step {latest} is damaged: it has no metadata item"):
+    Tagger.load(workdir, latest)
+  done = subprocess.run([sys.executable, "-m", "flaxtag.eval", "--workdir", workdir, "--checkpoint", str(latest)],
                         cwd=REPO, env=devices_env(1), capture_output=True, text=True, timeout=300)
   assert done.returncode == 2
   assert done.stderr.strip().count("\n") == 0 and "has no metadata item" in done.stderr
