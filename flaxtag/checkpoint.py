@@ -1,8 +1,10 @@
-"""Orbax checkpoints of a run's workdir: model variables, the config, and metadata, saved together.
+"""Orbax checkpoints of a run's workdir: every item flaxtag writes, how steps are kept, chosen, saved and read.
 
-Layout: `WORKDIR/checkpoints/<step>/{model, config, metadata, ...}`. The config (the single description of the
-run) and metadata (tag names, hierarchy, provenance) travel with every checkpoint, so `eval`, `tag` and `explain`
-need only the workdir. Items are separate so that inference restores the model variables without the optimizer.
+Layout: `WORKDIR/checkpoints/<step>/{model, config, metadata, optimizer, data_iterator, metrics, checksums.json}`
+(optimizer and data_iterator from training only). The config (the single description of the run) and metadata
+(tag names, hierarchy, provenance) travel with every checkpoint, so `eval`, `tag` and `explain` need only the
+workdir. Items are separate so that inference restores the model variables without the optimizer. 'best' is
+orbax's best step by the validation metric saved with each step (`open_manager`'s best_fn).
 
 Checkpoints do not depend on the topology that wrote them: every restore names its target shardings, built from
 the reading program's own devices (`restore_targets`), so a run saved on 8 devices or 2 processes restores on 1
@@ -21,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -39,6 +43,9 @@ T = TypeVar("T")
 MODEL = "model"  # {'params': ..., 'batch_stats': ...}
 CONFIG = "config"
 METADATA = "metadata"
+OPTIMIZER = "optimizer"  # {'step', 'opt_state'}: written by training only
+DATA_ITERATOR = "data_iterator"  # the grain iterator state (JSON): written by training only
+DAMAGED_DIR = "damaged_checkpoints"  # in the workdir: steps a resumed run set aside because they could not be read
 # Validation metric by which 'best' is chosen.
 BEST_METRIC = "val_roc_auc"
 # In each step directory: {"files": {path relative to the step: {"bytes": n, "sha256": hex}}} of its items' files.
@@ -195,44 +202,70 @@ def checkpoint_dir(workdir) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
 
 
-def open_manager(workdir, *, read_only=False, options: ocp.CheckpointManagerOptions | None = None,
-                 extra_handlers: dict[str, ocp.CheckpointHandler] | None = None) -> ocp.CheckpointManager:
-  """A CheckpointManager over WORKDIR/checkpoints; 'best' ranks by the metric BEST_METRIC where one was saved."""
+def _best_metric(metrics: dict) -> float:
+  value = metrics.get(BEST_METRIC)
+  return -math.inf if value is None else value  # a validation that gave no score (one class only) ranks last
+
+
+def open_manager(workdir, *, read_only=False, keep_latest: int | None = None) -> ocp.CheckpointManager:
+  """A CheckpointManager over WORKDIR/checkpoints that knows every item flaxtag writes. 'best' ranks steps by the
+  metric BEST_METRIC saved with them (orbax's best_fn: it also reads the metrics of earlier runs back).
+
+  keep_latest: a writer's retention: the latest `keep_latest` steps and the best are kept (None: every step).
+  """
   directory = checkpoint_dir(workdir)
   if read_only and not os.path.isdir(directory):
     raise CheckpointError(
         f"no checkpoints in {workdir}: expected {directory}. Train with `python -m flaxtag.train --workdir ...` or "
         "import a reference model with `python -m flaxtag.convert`.")
-  if options is None:
-    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  policy = None
+  if keep_latest is not None:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(keep_latest),
+        ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
+                                      keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only, preservation_policy=policy,
+                                         enable_async_checkpointing=not read_only, best_fn=_best_metric,
+                                         best_mode="max")
   handlers = {MODEL: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
-              METADATA: ocp.JsonCheckpointHandler(), **(extra_handlers or {})}
+              METADATA: ocp.JsonCheckpointHandler(), OPTIMIZER: ocp.StandardCheckpointHandler(),
+              DATA_ITERATOR: ocp.JsonCheckpointHandler()}
   return Manager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, variables, config: ml_collections.ConfigDict,
-         metadata: dict, metrics: dict | None = None, extra_items: dict[str, ocp.args.CheckpointArgs] | None = None):
-  """Saves model variables, config and metadata (plus any extra items, e.g. optimizer state) as one step."""
+         metadata: dict, metrics: dict | None = None, optimizer: dict | None = None,
+         data_iterator_state: dict | None = None):
+  """Saves model variables, config and metadata as one step; training adds its optimizer ({'step', 'opt_state'})
+  and data-iterator state, and the validation metrics by which 'best' is chosen."""
   items = {
       MODEL: ocp.args.StandardSave(variables),
       CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
       METADATA: ocp.args.JsonSave(metadata),
-      **(extra_items or {}),
   }
+  if optimizer is not None:
+    items[OPTIMIZER] = ocp.args.StandardSave(optimizer)
+  if data_iterator_state is not None:
+    items[DATA_ITERATOR] = ocp.args.JsonSave(data_iterator_state)
   manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
 def resolve_step(manager: ocp.CheckpointManager, which: str | int = "best") -> int:
-  """'latest', 'best' (by BEST_METRIC; the latest where no step has metrics) or a step number."""
+  """'latest', 'best' (by BEST_METRIC) or a step number. Where no step has a validation score, 'best' is the
+  latest step, and says so when there was a choice."""
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f"no checkpoint steps under {manager.directory}.")
   if which == "latest":
     return manager.latest_step()
   if which == "best":
-    scored = {s: m[BEST_METRIC] for s in steps
-              if (m := _step_metrics(manager, s)) and m.get(BEST_METRIC) is not None}
-    return max(scored, key=scored.get) if scored else manager.latest_step()
+    best = manager.best_step()
+    if best is None:
+      best = manager.latest_step()
+      if len(steps) > 1 and jax.process_index() == 0:
+        print(f"no checkpoint under {manager.directory} has a validation score; 'best' is the latest, step {best}",
+              file=sys.stderr, flush=True)
+    return best
   try:
     step = int(which)
   except ValueError:
@@ -267,16 +300,6 @@ def read_step(manager: ocp.CheckpointManager, which: str | int, read: Callable[[
                           f"{sorted(manager.all_steps())}) or --checkpoint latest.")
   raise CheckpointError(f"no intact checkpoint under {manager.directory}: {'; '.join(damaged)}. Use another "
                         "workdir, or move the checkpoints directory away to start over.")
-
-
-def _step_metrics(manager, step):
-  # The `metrics` item orbax writes beside the others when the manager has a best_fn (train._manager sets one).
-  path = os.path.join(os.fspath(manager.directory), str(step), "metrics", "metrics")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def restore_targets(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -325,6 +348,36 @@ def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variab
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return restore(manager, step, {MODEL: ocp.args.StandardRestore(restore_targets(abstract_variables, sharding))}
                  )[MODEL]
+
+
+def restore_training(manager: ocp.CheckpointManager, step: int, abstract_variables: Any, abstract_optimizer: Any
+                     ) -> tuple[Any, Any, dict]:
+  """(variables, optimizer, data-iterator state) of a training step, restored onto the shardings of the abstract
+  trees (the reading run's mesh, whatever wrote the step)."""
+  check_tree_fits(item_shapes(manager, step, MODEL), abstract_variables, f"checkpoint {manager.directory}/{step}")
+  restored = restore(manager, step, {MODEL: ocp.args.StandardRestore(abstract_variables),
+                                     OPTIMIZER: ocp.args.StandardRestore(abstract_optimizer),
+                                     DATA_ITERATOR: ocp.args.JsonRestore()})
+  return restored[MODEL], restored[OPTIMIZER], restored[DATA_ITERATOR]
+
+
+def set_aside_steps_after(manager: ocp.CheckpointManager, step: int, workdir) -> list[int]:
+  """Moves the steps after `step` (damaged: a resume could not read them) to WORKDIR/damaged_checkpoints, so that
+  the run saves those steps anew (orbax would skip a step number that exists). Returns the steps moved."""
+  moved = sorted(s for s in manager.all_steps() if s > step)
+  if moved and jax.process_index() == 0:
+    damaged_dir = os.path.join(os.fspath(workdir), DAMAGED_DIR)
+    os.makedirs(damaged_dir, exist_ok=True)
+    for s in moved:
+      target, n = os.path.join(damaged_dir, str(s)), 1
+      while os.path.exists(target):  # the same step damaged again in a later attempt
+        target, n = os.path.join(damaged_dir, f"{s}.{n}"), n + 1
+      shutil.move(os.path.join(os.fspath(manager.directory), str(s)), target)
+  if moved:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("flaxtag: damaged steps set aside")
+    manager.reload()
+  return moved
 
 
 def check_tree_fits(stored: Any, expected: Any, where: str):

@@ -60,6 +60,20 @@ def headline(result: dict) -> dict[str, float]:
   return scalars
 
 
+def evaluate_split(predict_step, variables, mesh, data_dir, dataset: str, split: str, batch_size: int,
+                   crop_len: int, tag_names, hierarchy: Hierarchy | None, num_clips: int, progress: bool = True
+                   ) -> tuple[dict, dict[str, np.ndarray]]:
+  """The 16-crop evaluation of one split, shared by training's validation and `evaluate_checkpoint`: every process
+  reads its share of the clips in global batches of `batch_size`. Returns (report, predictions)."""
+  local_batch = batch_size // jax.process_count()
+  batches = input_pipeline.eval_batches(data_dir, dataset, split=split, batch_size=local_batch, crop_len=crop_len)
+  num_batches = input_pipeline.num_eval_batches(num_clips, local_batch, jax.process_count())
+  shown = progress and jax.process_index() == 0
+  predictions = predict_split(predict_step, variables, batches, mesh, num_batches,
+                              progress=f"{split} ({num_clips} clips)" if shown else None)
+  return report(predictions, tag_names, hierarchy), predictions
+
+
 def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=None, batch_size=None):
   """Loads a checkpoint read-only, runs the 16-crop evaluation of `split` over all local devices.
 
@@ -75,13 +89,11 @@ def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=
   if split not in info.split_sizes:
     raise DatasetError(f"{config.data.name} has no split {split!r}; it has {sorted(info.split_sizes)}.")
   mesh = sharding.make_mesh()
-  size = sharding.check_global_batch_size(batch_size or config.train.eval_batch_size, mesh, "--batch_size")
-  batches = input_pipeline.eval_batches(data_dir, config.data.name, split=split, batch_size=size,
-                                        crop_len=crop_samples(tagger.model))
-  num_batches = input_pipeline.num_eval_batches(info.split_sizes[split], size, jax.process_count())
-  predictions = predict_split(make_predict_step(tagger.model, mesh), tagger.variables, batches, mesh, num_batches,
-                              progress=f"{split} ({info.split_sizes[split]} clips)")
-  result = report(predictions, info.tags, tagger.model.hierarchy)
+  size = batch_size or config.train.eval_batch_size
+  sharding.check_global_batch_size(size, mesh, "--batch_size")
+  result, predictions = evaluate_split(make_predict_step(tagger.model, mesh), tagger.variables, mesh, data_dir,
+                                       config.data.name, split, size, crop_samples(tagger.model), info.tags,
+                                       tagger.model.hierarchy, info.split_sizes[split])
   result.update(split=split, dataset=config.data.name, data_dir=str(data_dir), checkpoint_step=tagger.metadata["step"],
                 workdir=str(workdir))
   return result, predictions, tagger

@@ -185,10 +185,8 @@ class Tagger:
   def _probabilities(self, out: heads.HeadOutputs):
     """Sigmoid of the fine logits, followed by the coarse ones where the model has a hierarchy."""
     logits = out.fine_logits
-    if self.hierarchy is not None:
-      coarse = out.coarse_logits
-      if coarse is None:  # a flat head: coarse by the max rule (SPEC §5)
-        coarse = heads.derive_coarse_logits(logits, self.hierarchy)
+    coarse = heads.coarse_outputs(out, self.hierarchy)
+    if coarse is not None:
       logits = jnp.concatenate([logits, coarse], axis=-1)
     return jax.nn.sigmoid(logits)
 

@@ -18,14 +18,12 @@ A run that looks diverged (`DivergenceWatch`) is warned about once, on stderr an
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 
 from absl import flags
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from ml_collections import config_flags
@@ -39,9 +37,6 @@ from flaxtag.metric_writer import MetricWriter
 from flaxtag.models import heads, tagger
 from flaxtag.train_step import TrainState, create_train_state, make_predict_step, make_train_step
 
-OPTIMIZER = "optimizer"  # checkpoint item: {'step', 'opt_state'}
-DATA_ITERATOR = "data_iterator"  # checkpoint item: the grain iterator state (JSON)
-DAMAGED_DIR = "damaged_checkpoints"  # in the workdir: steps set aside because they could not be restored
 
 # When to warn that a run looks diverged: for DIVERGENCE_EVALS validations in a row, the mean training loss since
 # the previous validation stayed above DIVERGENCE_LOSS_FACTOR × the loss of the first step, or the validation
@@ -103,71 +98,35 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   return Run(config, info, model, mesh, local_batch, steps, optim.in_steps(config.optim, steps))
 
 
-def _manager(workdir, config) -> ocp.CheckpointManager:
-  best_metric = lambda m: m[checkpoint.BEST_METRIC]
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(config.train.checkpoints_to_keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
-  # best_fn too: without it orbax keeps the metrics of a save in memory only, and "best" would not survive the run.
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                         best_fn=best_metric, best_mode="max")
-  return checkpoint.open_manager(workdir, options=options, extra_handlers={
-      OPTIMIZER: ocp.StandardCheckpointHandler(), DATA_ITERATOR: ocp.JsonCheckpointHandler()})
-
-
 def _save(manager, run: Run, state: TrainState, data_iterator, metrics=None):
   checkpoint.save(manager, int(state.step), variables=state.variables, config=run.config, metadata=run.metadata,
-                  metrics=metrics, extra_items={
-                      OPTIMIZER: ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                      DATA_ITERATOR: ocp.args.JsonSave(data_iterator.get_state())})
+                  metrics=metrics, optimizer={"step": state.step, "opt_state": state.opt_state},
+                  data_iterator_state=data_iterator.get_state())
 
 
 def _resume(manager, workdir, state: TrainState, data_iterator) -> TrainState:
   """The state of the newest intact step, restored onto the shardings of `state` (this run's mesh, whatever wrote
-  it). Damaged newer steps are moved to WORKDIR/damaged_checkpoints, so that the run saves those steps anew."""
+  it). Damaged newer steps are set aside, so that the run saves those steps anew."""
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-
-  def read(step):
-    where = f"checkpoint {manager.directory}/{step}"
-    checkpoint.check_tree_fits(checkpoint.item_shapes(manager, step, checkpoint.MODEL), abstract.variables, where)
-    return checkpoint.restore(manager, step, {
-        checkpoint.MODEL: ocp.args.StandardRestore(abstract.variables),
-        OPTIMIZER: ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
-        DATA_ITERATOR: ocp.args.JsonRestore()})
-
-  step, restored = checkpoint.read_step(manager, "latest", read)
-  damaged = [s for s in manager.all_steps() if s > step]
-  if damaged:
-    if jax.process_index() == 0:
-      for s in damaged:
-        _set_aside(os.path.join(os.fspath(manager.directory), str(s)), os.path.join(workdir, DAMAGED_DIR))
-      _tell(f"moved the damaged step(s) {', '.join(map(str, damaged))} to {os.path.join(workdir, DAMAGED_DIR)}")
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("flaxtag: damaged steps set aside")
-    manager.reload()
-  data_iterator.set_state(restored[DATA_ITERATOR])
-  variables = restored[checkpoint.MODEL]
-  return state.replace(step=restored[OPTIMIZER]["step"], params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state=restored[OPTIMIZER]["opt_state"])
+  step, (variables, optimizer, iterator_state) = checkpoint.read_step(
+      manager, "latest", lambda step: checkpoint.restore_training(
+          manager, step, abstract.variables, {"step": abstract.step, "opt_state": abstract.opt_state}))
+  moved = checkpoint.set_aside_steps_after(manager, step, workdir)
+  if moved:
+    _tell(f"moved the damaged step(s) {', '.join(map(str, moved))} to "
+          f"{os.path.join(workdir, checkpoint.DAMAGED_DIR)}")
+  data_iterator.set_state(iterator_state)
+  return state.replace(step=optimizer["step"], params=variables["params"], batch_stats=variables["batch_stats"],
+                       opt_state=optimizer["opt_state"])
 
 
-def _set_aside(step_dir: str, damaged_dir: str):
-  os.makedirs(damaged_dir, exist_ok=True)
-  target, n = os.path.join(damaged_dir, os.path.basename(step_dir)), 1
-  while os.path.exists(target):  # the same step damaged again in a later attempt
-    target, n = os.path.join(damaged_dir, f"{os.path.basename(step_dir)}.{n}"), n + 1
-  shutil.move(step_dir, target)
-
-
-def _reload_best(manager, state: TrainState) -> TrainState:
+def _reload_best(manager, run: Run, state: TrainState) -> TrainState:
   """The best model so far (by validation ROC-AUC; the newest intact step where the best is damaged), keeping the
   optimizer state and step."""
   manager.wait_until_finished()
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state.variables)
-  best, variables = checkpoint.read_step(manager, "best", lambda step: checkpoint.restore(
-      manager, step, {checkpoint.MODEL: ocp.args.StandardRestore(abstract)})[checkpoint.MODEL])
+  best, variables = checkpoint.read_step(manager, "best", lambda step: checkpoint.restore_variables(
+      manager, step, abstract, sharding.replicated(run.mesh)))
   _tell(f"optimizer stage changes after step {int(state.step)}: continuing from the best checkpoint, step {best}")
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
@@ -208,16 +167,10 @@ def stage_changed_in_epoch(optim_config, step: int, steps_per_epoch: int, switch
 
 
 def validate(run: Run, predict_step, state: TrainState, split: str = "valid") -> dict:
-  batches = input_pipeline.eval_batches(
-      run.config.data.data_dir, run.config.data.name, split=split,
-      batch_size=run.config.train.eval_batch_size // jax.process_count(), crop_len=tagger.crop_samples(run.model))
-  num_batches = input_pipeline.num_eval_batches(run.info.split_sizes[split],
-                                                run.config.train.eval_batch_size // jax.process_count(),
-                                                jax.process_count())
-  predictions = evaluation.predict_split(predict_step, state.variables, batches, run.mesh, num_batches,
-                                         progress=f"{split} ({run.info.split_sizes[split]} clips)"
-                                         if jax.process_index() == 0 else None)
-  return evaluation.report(predictions, run.info.tags, run.model.hierarchy)
+  return evaluation.evaluate_split(predict_step, state.variables, run.mesh, run.config.data.data_dir,
+                                   run.config.data.name, split, run.config.train.eval_batch_size,
+                                   tagger.crop_samples(run.model), run.info.tags, run.model.hierarchy,
+                                   run.info.split_sizes[split])[0]
 
 
 class DivergenceWatch:
@@ -282,7 +235,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   data_iterator = input_pipeline.train_iterator(
       config.data.data_dir, config.data.name, batch_size=run.local_batch_size,
       crop_len=tagger.crop_samples(run.model), seed=config.seed, worker_count=config.data.worker_count)
-  manager = _manager(workdir, config)
+  manager = checkpoint.open_manager(workdir, keep_latest=config.train.checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = _resume(manager, workdir, state, data_iterator)
     _tell(f"resuming {workdir} from step {int(state.step)} on {jax.device_count()} devices, "
@@ -351,7 +304,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 def _maybe_reload(manager, run: Run, state: TrainState, step: int) -> TrainState:
   switch_count = int(jax.device_get(optim.switch_state(state.opt_state).switch_count))
   if stage_changed_in_epoch(run.optim_config, step, run.steps_per_epoch, switch_count):
-    return _reload_best(manager, state)
+    return _reload_best(manager, run, state)
   return state
 
 

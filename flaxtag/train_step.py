@@ -90,9 +90,7 @@ def make_predict_step(model: MusicTagger, mesh):
     audio = batch["audio"]
     size, crops = audio.shape[:2]
     outputs = model.apply(variables, audio.reshape(size * crops, *audio.shape[2:]), train=False)
-    coarse = outputs.coarse_logits
-    if coarse is None and model.hierarchy is not None:
-      coarse = heads.derive_coarse_logits(outputs.fine_logits, model.hierarchy)
+    coarse = heads.coarse_outputs(outputs, model.hierarchy)
     average = lambda logits: jax.nn.sigmoid(logits).reshape(size, crops, -1).mean(1)
     result = {k: v for k, v in batch.items() if k != "audio"}
     result["fine_probs"] = average(outputs.fine_logits)

@@ -199,6 +199,15 @@ def derive_coarse_logits(fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Ar
   return grouped_max(jnp.asarray(fine_logits), hierarchy)
 
 
+def coarse_outputs(outputs: HeadOutputs, hierarchy: Hierarchy | None) -> jax.Array | None:
+  """The coarse logits a model answers with: its head's own, or for a flat head with a hierarchy the max rule
+  over each family's fine logits (SPEC §5); None for a model without a hierarchy. Evaluation and tagging both
+  use this."""
+  if outputs.coarse_logits is not None or hierarchy is None:
+    return outputs.coarse_logits
+  return derive_coarse_logits(outputs.fine_logits, hierarchy)
+
+
 def _top_down_fine_logits(coarse_logits: jax.Array, fine_logits: jax.Array, hierarchy: Hierarchy) -> jax.Array:
   """logit(σ(a)·σ(b)) with a = z_c[parent], b = z_f, without leaving log space.
 
