@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flaxtag.inference import Tagger  # noqa: E402
 from flaxtag.models import tagger  # noqa: E402
-from train_throughput import LABELS, MODELS, MatmulPeak, analytic_forward_flops, cpu_model, model_config  # noqa: E402
+from train_throughput import (LABELS, MODELS, MatmulPeak, analytic_forward_flops, cpu_model,  # noqa: E402
+                              model_config, print_run_conditions, print_table)
 
 
 def benchmark_model(name: str, args, peak: MatmulPeak) -> list[dict]:
@@ -98,20 +99,14 @@ def main(argv=None):
   load_before = os.getloadavg()
   peak = MatmulPeak(2048 if device.platform == "cpu" else 8192, jnp.float32)
   results = [r for name in names for r in benchmark_model(name, args, peak)]
-  load = os.getloadavg()
-  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
-        f"jax {jax.__version__}, load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
-  print(f"float32 {peak.size}x{peak.size} matmul peak, measured around every timed forward: median "
-        f"{statistics.median(peak.samples) / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, "
-        f"max {max(peak.samples) / 1e9:.0f})")
+  load = print_run_conditions(device, load_before, peak, "forward")
   header = (f"{'model':<11} {'devices':>7} {'batch':>5} {'s/batch':>8} {'crops/s':>8} {'GFLOP/crop':>10} "
             f"{'GFLOP/s':>8} {'of peak':>8} {'(min-max)':>11}")
-  print(header)
-  print("-" * len(header))
-  for r in results:
-    print(f"{LABELS[r['model']]:<11} {r['devices']:>7} {r['batch_size']:>5} {r['s_per_batch']:>8.3f} "
-          f"{r['crops_per_s']:>8.1f} {r['gflop_per_crop']:>10.2f} {r['gflop_per_s']:>8.1f} "
-          f"{100 * r['peak_share']:>7.1f}% ({100 * r['peak_share_min']:.0f}-{100 * r['peak_share_max']:.0f}%)")
+  print_table(header, [
+      f"{LABELS[r['model']]:<11} {r['devices']:>7} {r['batch_size']:>5} {r['s_per_batch']:>8.3f} "
+      f"{r['crops_per_s']:>8.1f} {r['gflop_per_crop']:>10.2f} {r['gflop_per_s']:>8.1f} "
+      f"{100 * r['peak_share']:>7.1f}% ({100 * r['peak_share_min']:.0f}-{100 * r['peak_share_max']:.0f}%)"
+      for r in results])
   print(json.dumps({
       "benchmark": "inference_throughput", "device": device.device_kind, "platform": device.platform,
       "host": cpu_model(), "jax": jax.__version__, "load_average_before": load_before[:3], "load_average": load[:3],

@@ -134,6 +134,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def print_run_conditions(device, load_before, peak, what: str) -> list[float]:
+  """Prints where and under what load the figures below were measured, and the matmul peak; returns the load."""
+  load = load_average()
+  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
+        f"jax {jax.__version__}, load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
+  print(f"{jnp.dtype(peak.a.dtype).name} {peak.size}x{peak.size} matmul peak, measured around every timed {what}: "
+        f"median {statistics.median(peak.samples) / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, "
+        f"max {max(peak.samples) / 1e9:.0f})")
+  return load
+
+
+def print_table(header: str, rows: list[str]):
+  print(header)
+  print("-" * len(header))
+  print("\n".join(rows))
+
+
 def load_average() -> list[float]:
   return list(os.getloadavg()) if hasattr(os, "getloadavg") else [float("nan")] * 3
 
@@ -277,23 +294,15 @@ def main(argv=None):
     if args.json:  # after every model, so that a run stopped midway keeps what it measured
       with open(args.json, "w") as f:
         f.write(summary(results) + "\n")
-  peak_median = statistics.median(peak.samples)
-  load = load_average()
-  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
-        f"jax {jax.__version__}, "
-        f"load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
+  print_run_conditions(device, load_before, peak, "step")
   print(f"{'train step' if args.mode == 'train' else 'inference (eval-mode predict step, one crop per sample)'}, "
         f"{'bf16' if args.half_precision else 'fp32'} compute, {kernels} kernels")
-  print(f"{jnp.dtype(peak_dtype).name} {peak_size}x{peak_size} matmul peak, measured around every timed step: "
-        f"median {peak_median / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, max {max(peak.samples) / 1e9:.0f})")
   header = (f"{'model':<11} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/sample':>12} {'XLA GFLOP':>9} "
             f"{'GFLOP/s':>8} {'MFU':>6} {'(min-max)':>11}")
-  print(header)
-  print("-" * len(header))
-  for r in results:
-    print(f"{LABELS[r['model']]:<11} {r['batch_size']:>5} {r['s_per_step']:>7.3f} {r['samples_per_s']:>9.2f} "
-          f"{r['gflop_per_sample']:>12.2f} {r['xla_gflop_per_sample']:>9.2f} {r['gflop_per_s']:>8.1f} "
-          f"{100 * r['mfu']:>5.1f}% ({100 * r['mfu_min']:.0f}-{100 * r['mfu_max']:.0f}%)")
+  print_table(header, [
+      f"{LABELS[r['model']]:<11} {r['batch_size']:>5} {r['s_per_step']:>7.3f} {r['samples_per_s']:>9.2f} "
+      f"{r['gflop_per_sample']:>12.2f} {r['xla_gflop_per_sample']:>9.2f} {r['gflop_per_s']:>8.1f} "
+      f"{100 * r['mfu']:>5.1f}% ({100 * r['mfu_min']:.0f}-{100 * r['mfu_max']:.0f}%)" for r in results])
   spec_att = [r for r in results if r["model"] == "spec_att"]
   if on_cpu and args.mode == "train" and not args.half_precision and spec_att and args.batch_size == 16:
     r = spec_att[0]
