@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -82,6 +83,7 @@ class Manager(ocp.CheckpointManager):
       # one SaveError instead.
       for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(_drop_orbax_save_errors)
+      _quiet_abandoned_async_writes()
     super().__init__(directory, options=options, item_handlers=item_handlers)
 
   def save(self, step: int, *args, **kwargs) -> bool:
@@ -151,6 +153,20 @@ class Manager(ocp.CheckpointManager):
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(os.fspath(self.directory), str(step))
+
+
+def _quiet_abandoned_async_writes():
+  """When a write fails (a full disk), tensorstore's threads may still post results to the event loop of orbax's
+  abandoned save, each printing 'RuntimeError: Event loop is closed' with a traceback (through sys.excepthook, from
+  native code) around the one error line that reports the failure; drop just those."""
+  default_except, default_unraisable, default_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+  def abandoned(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+  sys.excepthook = lambda kind, error, tb: None if abandoned(error) else default_except(kind, error, tb)
+  sys.unraisablehook = lambda hook: None if abandoned(hook.exc_value) else default_unraisable(hook)
+  threading.excepthook = lambda hook: None if abandoned(hook.exc_value) else default_thread(hook)
 
 
 def _drop_orbax_save_errors(record: logging.LogRecord) -> bool:
