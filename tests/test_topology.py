@@ -21,8 +21,8 @@ from flaxtag import explain, train
 from flaxtag.errors import CheckpointError
 from flaxtag.inference import Tagger
 
-from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, free_port, last_logged_step, records,
-                        run_config, train_command, wait_for)
+from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, last_logged_step, records, run_config,
+                        start_two_processes, train_command, wait_for)
 
 pytestmark = pytest.mark.slow  # every test trains, or runs commands in processes of their own
 
@@ -103,13 +103,9 @@ def test_stopped_on_eight_devices_resumes_on_four_and_on_two_processes(synth_dat
   assert_same_model(workdir, sgd_run)
   assert_logged_once(workdir)
 
-  port = free_port()
-  processes = [subprocess.Popen(
-      train_command(synth_data_dir, copy, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={i}", **SGD), cwd=REPO, env=devices_env(2), stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  for p in processes:
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+  processes, logs = start_two_processes(synth_data_dir, copy, tmp_path / "two_processes", 2, **SGD)
+  for p, log in zip(processes, logs):
+    assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
   assert_same_model(copy, sgd_run)
   assert_logged_once(copy)
 

@@ -5,15 +5,13 @@
 import os
 import re
 import signal
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from flaxtag import checkpoint, optim, train
-from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, free_port, last_logged_step, records,
-                        run_config, train_command)
+from train_runs import SGD, SGD_STEPS, assert_same_model, last_logged_step, records, run_config, start_two_processes
 
 
 @pytest.mark.slow
@@ -31,21 +29,6 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
 
 
-def _two_processes(data_dir, workdir, log_dir, **overrides):
-  """Starts a run of 2 processes × 4 devices joined on 127.0.0.1: (processes, their stderr files)."""
-  log_dir.mkdir()
-  port = free_port()
-  processes, logs = [], []
-  for i in range(2):
-    logs.append(log_dir / f"process{i}.log")
-    with open(logs[-1], "w") as log:
-      processes.append(subprocess.Popen(
-          train_command(data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}", **overrides), cwd=REPO, env=devices_env(4), stderr=log, text=True))
-  return processes, logs
-
-
-@pytest.mark.slow
 def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data_dir, sgd_run, tmp_path):
   """2 processes × 4 devices: SIGTERM to one process only, or to both at different moments, makes both save the
   same step and exit with status 0; resuming after each stop ends where an uninterrupted run (1 × 8) does."""
@@ -54,7 +37,7 @@ def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data
   saved_steps, exit_seconds = [], []
   for n, signalled in enumerate(stops):
     before = records(workdir, "train")[-1]["step"] if saved_steps else 0
-    processes, logs = _two_processes(synth_data_dir, workdir, tmp_path / f"stop{n}", **SGD)
+    processes, logs = start_two_processes(synth_data_dir, workdir, tmp_path / f"stop{n}", 4, **SGD)
     for k, i in enumerate(signalled):
       # The next signal goes one step after the last, unless the run has already stopped.
       deadline = time.time() + 300
@@ -72,7 +55,7 @@ def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data
     assert checkpoint.open_manager(workdir, read_only=True).latest_step() == saved_steps[-1]
   print(f"stops saved steps {saved_steps}, both processes exited {exit_seconds} s after the last signal")
   assert saved_steps == sorted(saved_steps) and saved_steps[-1] < SGD_STEPS, saved_steps
-  processes, logs = _two_processes(synth_data_dir, workdir, tmp_path / "final", **SGD)
+  processes, logs = start_two_processes(synth_data_dir, workdir, tmp_path / "final", 4, **SGD)
   for p, log in zip(processes, logs):
     assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
   assert_same_model(workdir, sgd_run)

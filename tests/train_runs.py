@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import socket
+import subprocess
 import sys
 import time
 
@@ -42,6 +43,20 @@ def config_flags(data_dir, **extra) -> list[str]:
 def train_command(data_dir, workdir, *extra_flags, **extra):
   return [sys.executable, "-m", "flaxtag.train", "--config", f"{REPO / 'configs' / 'synth.py'}:gmp",
           "--workdir", str(workdir), *config_flags(data_dir, **extra), *extra_flags]
+
+
+def start_two_processes(data_dir, workdir, log_dir, devices: int, **overrides):
+  """Starts a run of 2 processes × `devices` CPU devices joined on 127.0.0.1: (processes, their stderr files)."""
+  log_dir.mkdir()
+  port = free_port()
+  processes, logs = [], []
+  for i in range(2):
+    logs.append(log_dir / f"process{i}.log")
+    with open(logs[-1], "w") as log:
+      processes.append(subprocess.Popen(
+          train_command(data_dir, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}", **overrides), cwd=REPO, env=devices_env(devices), stderr=log, text=True))
+  return processes, logs
 
 
 def devices_env(devices: int) -> dict[str, str]:
