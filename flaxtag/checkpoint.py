@@ -20,6 +20,7 @@ that fails (a full disk, an I/O error) is one `SaveError` saying what failed, wh
 needs; earlier steps are untouched.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -155,6 +156,7 @@ class Manager(ocp.CheckpointManager):
     return os.path.join(os.fspath(self.directory), str(step))
 
 
+@functools.cache  # once per process: each writer would otherwise wrap the hooks again
 def _quiet_abandoned_async_writes():
   """When a write fails (a full disk), tensorstore's threads may still post results to the event loop of orbax's
   abandoned save, each printing 'RuntimeError: Event loop is closed' with a traceback (through sys.excepthook, from
