@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU readiness check: on a machine with an NVIDIA GPU, installs flaxtag with JAX's CUDA build in a virtualenv, then
 # times training and inference of the four models (fp32 and bf16, batch 16 and a large batch) with
-# benchmarks/train_throughput.py, and writes everything to ONE JSON file. Meant to finish in under 8 minutes: runs go
+# benchmarks/train_throughput.py and benchmarks/inference_throughput.py, and writes everything to ONE JSON file. Meant to finish in under 8 minutes: runs go
 # most important first (batch 16, then the large batch) and whatever the time budget leaves out is listed as skipped.
 #
 #   bash benchmarks/gpu_check.sh                          # → build/gpu_check.json
 #   bash benchmarks/gpu_check.sh --out gpu.json --large-batch 128
 #   bash benchmarks/gpu_check.sh --skip-install --python .venv/bin/python --allow-cpu --models raw_cnnl \
-#     --batch-sizes 8 --steps 1                           # the same path on the CPU, as tests/test_benchmarks.py does
+#     --batch-sizes 8 --steps 1                           # the same path on the CPU, as tests/test_gpu_check.py does
 #
 # The install needs PyPI (or a wheel cache through PIP_FIND_LINKS): jax[cuda13] if the driver supports CUDA 13
 # (nvidia-smi's "CUDA Version"), else jax[cuda12]. It is skipped when the virtualenv's JAX already runs on the GPU.
@@ -84,11 +84,13 @@ for batch in $BATCH_SIZES; do
         echo "out of time budget (${BUDGET_S}s)" > "$PARTS/$name.skipped"
         continue
       fi
-      flags=(--mode "$mode" --batch_size "$batch" --steps "$STEPS" --models "$MODELS" --json "$PARTS/$name.json")
+      script=benchmarks/train_throughput.py
+      [ "$mode" = infer ] && script=benchmarks/inference_throughput.py
+      flags=(--batch_size "$batch" --steps "$STEPS" --models "$MODELS" --json "$PARTS/$name.json")
       [ "$precision" = bf16 ] && flags+=(--half_precision)
       echo "gpu_check: $name (${left}s of the budget left)"
       # A run that runs out of time keeps the models it finished: the JSON is rewritten after each model.
-      if ! timeout "$left" "$PYTHON" benchmarks/train_throughput.py "${flags[@]}" > "$PARTS/$name.log" 2>&1; then
+      if ! timeout "$left" "$PYTHON" "$script" "${flags[@]}" > "$PARTS/$name.log" 2>&1; then
         tail -n 20 "$PARTS/$name.log" > "$PARTS/$name.failed"
       fi
       grep -v '^{' "$PARTS/$name.log" | tail -n 8 || true

@@ -11,9 +11,11 @@ the median over steps is reported, with its range.
 
   .venv/bin/python benchmarks/inference_throughput.py                  # all four models, batch 16
   .venv/bin/python benchmarks/inference_throughput.py --models=spec_att --steps=10
+  python benchmarks/inference_throughput.py --half_precision --batch_size=256 --json=out.json  # GPU, bf16 compute
 
 `--devices` is the number of JAX CPU devices the process starts with; 0 (the default), one per core, as
-`flaxtag.tag` starts. Do not run it under tests/conftest.py's 8-device setting.
+`flaxtag.tag` starts (on a GPU: the GPUs). Do not run it under tests/conftest.py's 8-device setting.
+`benchmarks/gpu_check.sh` runs it with train_throughput.py on a GPU machine.
 """
 import argparse
 import json
@@ -36,15 +38,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flaxtag.inference import Tagger  # noqa: E402
-from flaxtag.models import tagger  # noqa: E402
+from flaxtag.models import layers, tagger  # noqa: E402
 from train_throughput import (LABELS, MODELS, MatmulPeak, analytic_forward_flops, cpu_model,  # noqa: E402
-                              model_config, print_run_conditions, print_table)
+                              load_average, model_config, print_run_conditions, print_table)
 
 
 def benchmark_model(name: str, args, peak: MatmulPeak) -> list[dict]:
   """Times the model's forward with the batch on one device and split over all, alternately; a dict for each."""
   config = model_config(name, args.conv_channels, args.num_tags)
-  model = tagger.build_model(config)
+  model = tagger.build_model(config, half_precision=args.half_precision)
   variables = jax.device_get(tagger.init_variables(model, jax.random.key(0)))
   crops = (0.1 * np.random.default_rng(0).standard_normal((args.batch_size, tagger.crop_samples(model))))
   crops = crops.astype(np.float32)
@@ -71,7 +73,7 @@ def benchmark_model(name: str, args, peak: MatmulPeak) -> list[dict]:
   for n in taggers:
     seconds = statistics.median(times[n])
     results.append({
-        "model": name, "devices": n, "batch_size": args.batch_size, "s_per_batch": seconds,
+        "model": name, "mode": "infer", "devices": n, "batch_size": args.batch_size, "s_per_batch": seconds,
         "crops_per_s": args.batch_size / seconds, "compile_s": compile_s[n],
         "gflop_per_crop": flops / args.batch_size / 1e9, "gflop_per_s": flops / seconds / 1e9,
         # Median over steps of each forward's FLOP/s over the peak measured just before and after it.
@@ -89,6 +91,8 @@ def main(argv=None):
   parser.add_argument("--devices", type=int, default=0, help="JAX CPU devices to start; 0: one per core")
   parser.add_argument("--conv_channels", type=int, default=16)
   parser.add_argument("--num_tags", type=int, default=50)
+  parser.add_argument("--half_precision", action="store_true", help="bf16 compute (GPU/TPU); fp32 params")
+  parser.add_argument("--json", default="", help="also write the results (the last line printed) to this file")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   unknown = sorted(set(names) - set(MODELS))
@@ -96,10 +100,25 @@ def main(argv=None):
     parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
 
   device = jax.devices()[0]
-  load_before = os.getloadavg()
-  peak = MatmulPeak(2048 if device.platform == "cpu" else 8192, jnp.float32)
-  results = [r for name in names for r in benchmark_model(name, args, peak)]
-  load = print_run_conditions(device, load_before, peak, "forward")
+  load_before = load_average()
+  peak = MatmulPeak(2048 if device.platform == "cpu" else 8192, jnp.bfloat16 if args.half_precision else jnp.float32)
+
+  def summary(results) -> str:
+    return json.dumps({
+        "benchmark": "inference_throughput", "mode": "infer", "device": device.device_kind,
+        "platform": device.platform, "host": cpu_model(), "jax": jax.__version__,
+        "half_precision": args.half_precision, "kernels": "cpu" if layers.cpu_kernels("auto") else "plain",
+        "load_average_before": load_before[:3], "load_average": load_average()[:3],
+        "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results})
+
+  results = []
+  for name in names:
+    results += benchmark_model(name, args, peak)
+    if args.json:  # after every model, so that a run stopped midway keeps what it measured
+      with open(args.json, "w") as f:
+        f.write(summary(results) + "\n")
+  print_run_conditions(device, load_before, peak, "forward")
+  print(f"inference (Tagger.predict, eval mode), {'bf16' if args.half_precision else 'fp32'} compute")
   header = (f"{'model':<11} {'devices':>7} {'batch':>5} {'s/batch':>8} {'crops/s':>8} {'GFLOP/crop':>10} "
             f"{'GFLOP/s':>8} {'of peak':>8} {'(min-max)':>11}")
   print_table(header, [
@@ -107,10 +126,7 @@ def main(argv=None):
       f"{r['crops_per_s']:>8.1f} {r['gflop_per_crop']:>10.2f} {r['gflop_per_s']:>8.1f} "
       f"{100 * r['peak_share']:>7.1f}% ({100 * r['peak_share_min']:.0f}-{100 * r['peak_share_max']:.0f}%)"
       for r in results])
-  print(json.dumps({
-      "benchmark": "inference_throughput", "device": device.device_kind, "platform": device.platform,
-      "host": cpu_model(), "jax": jax.__version__, "load_average_before": load_before[:3], "load_average": load[:3],
-      "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results}))
+  print(summary(results))
 
 
 if __name__ == "__main__":

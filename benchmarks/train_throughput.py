@@ -1,15 +1,15 @@
-"""Training and inference throughput of method A's four models: samples/s, FLOPs per sample and MFU.
+"""Training throughput of method A's four models: samples/s, FLOPs per sample and MFU.
 
-For each model (c=16, 50 tags by default), `--mode=train` builds the recipe's optimizer (`make_optimizer`, Adam
-phase) and the jit-compiled `make_train_step`; `--mode=infer` the jit-compiled `make_predict_step` of evaluation
-(eval mode, one crop per clip, so a sample is a crop). Both run on a 1-device mesh and are timed on a fixed random
-batch already on the device (the input pipeline is not part of the figure). FLOPs per sample are counted twice:
+For each model (c=16, 50 tags by default) this builds the recipe's optimizer (`make_optimizer`, Adam phase) and the
+jit-compiled `make_train_step`, on a 1-device mesh, and times it on a fixed random batch already on the device (the
+input pipeline is not part of the figure). Inference has its own script, inference_throughput.py, which imports the
+FLOP count and the matmul peak from here. FLOPs per sample are counted twice:
 
-- analytic: the model's convolutions, dense layers and attention matmuls (2 FLOPs per multiply-add), the forward's
-  count (×3 for training's forward + backward); elementwise work, the FFT and the optimizer are left out. This is
+- analytic: the model's convolutions, dense layers and attention matmuls (2 FLOPs per multiply-add), ×3 for the
+  forward and backward; elementwise work, the FFT and the optimizer are left out. This is
   the "model FLOPs" of MFU, independent of how the code computes them.
-- XLA: `cost_analysis()` of the compiled step that is timed (training: forward, backward and the optimizer, whose
-  share is below 0.1 %). It counts what the compiled program does, e.g. the zeros of the banded vertical
+- XLA: `cost_analysis()` of the compiled step that is timed (forward, backward and the optimizer, whose share is
+  below 0.1 %). It counts what the compiled program does, e.g. the zeros of the banded vertical
   convolutions and elementwise ops.
 
 MFU = analytic FLOP/s of a step / the FLOP/s of a dense jit-compiled matmul (fp32 2048×2048 on CPU; 8192×8192 on
@@ -18,7 +18,7 @@ on a shared machine weighs on both alike; the median over the timed steps is rep
 unchanged on CPU and GPU (where an fp32 matmul may run in TF32 under JAX's default precision, and so may the model).
 
   .venv/bin/python benchmarks/train_throughput.py                      # all four models, batch 16, CPU
-  .venv/bin/python benchmarks/train_throughput.py --models=spec_att --steps=10 --mode=infer
+  .venv/bin/python benchmarks/train_throughput.py --models=spec_att --steps=10
   python benchmarks/train_throughput.py --half_precision --batch_size=256 --json=out.json  # GPU, bf16 compute
 
 `benchmarks/gpu_check.sh` runs the whole set on a GPU machine.
@@ -181,12 +181,10 @@ class MatmulPeak:
     return self.samples[-1]
 
 
-def random_batch(model, batch_size: int, num_tags: int, mode: str, mesh) -> dict:
-  """Training: {'audio': (B, crop), 'labels'}; inference, as evaluation batches them: {'audio': (B, 1, crop)}."""
+def random_batch(model, batch_size: int, num_tags: int, mesh) -> dict:
+  """{'audio': (B, crop), 'labels'} of noise and random tags, on the mesh."""
   rng = np.random.default_rng(0)
   audio = (0.1 * rng.standard_normal((batch_size, tagger.crop_samples(model)))).astype(np.float32)
-  if mode == "infer":
-    return sharding.global_batch({"audio": audio[:, None]}, mesh)
   return sharding.global_batch(
       {"audio": audio, "labels": (rng.random((batch_size, num_tags)) < 0.1).astype(np.float32)}, mesh)
 
@@ -201,17 +199,12 @@ def xla_flops(compiled) -> float:
 def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
   config = model_config(name, args.conv_channels, args.num_tags)
   model = tagger.build_model(config, half_precision=args.half_precision)
-  batch = random_batch(model, args.batch_size, args.num_tags, args.mode, mesh)
-  if args.mode == "train":
-    # Every step of the benchmark in its first epoch, so all are Adam steps (the switch is at epoch 60).
-    tx = optim.make_optimizer(optim.in_steps(optim.recipe_config(), steps_per_epoch=1 + args.warmup + args.steps))
-    state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
-    step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
-    analytic_per_sample = 3.0 * analytic_forward_flops(name, config)
-  else:
-    state = jax.device_put(tagger.init_variables(model, jax.random.key(0)), sharding.replicated(mesh))
-    step = train_step.make_predict_step(model, mesh)
-    analytic_per_sample = analytic_forward_flops(name, config)
+  batch = random_batch(model, args.batch_size, args.num_tags, mesh)
+  # Every step of the benchmark in its first epoch, so all are Adam steps (the switch is at epoch 60).
+  tx = optim.make_optimizer(optim.in_steps(optim.recipe_config(), steps_per_epoch=1 + args.warmup + args.steps))
+  state = train_step.create_train_state(model, tx, jax.random.key(0), mesh)
+  step = train_step.make_train_step(model, tx, seed=0, mesh=mesh)
+  analytic_per_sample = 3.0 * analytic_forward_flops(name, config)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -219,9 +212,7 @@ def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
   xla_per_sample = xla_flops(compiled) / args.batch_size
 
   def run(state):
-    """The next state (a training step's; the variables, unchanged, in inference) and the step's outputs."""
-    outputs = block(compiled(state, batch))
-    return outputs if args.mode == "train" else (state, outputs)
+    return block(compiled(state, batch))
 
   for _ in range(1 + args.warmup):
     state, outputs = run(state)
@@ -233,28 +224,24 @@ def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
     times.append(time.perf_counter() - t)
     local_peak = (before + peak.measure()) / 2
     mfus.append(analytic_per_sample * args.batch_size / times[-1] / local_peak)
-  value = outputs["loss"] if args.mode == "train" else outputs["fine_probs"]
-  if not np.all(np.isfinite(np.asarray(value))):
-    raise FloatingPointError(f"{name}: non-finite {'loss' if args.mode == 'train' else 'outputs'}")
+  if not np.isfinite(float(outputs["loss"])):
+    raise FloatingPointError(f"{name}: non-finite loss")
   seconds = statistics.median(times)
   result = {
-      "model": name, "mode": args.mode, "batch_size": args.batch_size, "s_per_step": seconds,
+      "model": name, "mode": "train", "batch_size": args.batch_size, "s_per_step": seconds,
       "s_per_step_min": min(times), "s_per_step_max": max(times), "samples_per_s": args.batch_size / seconds,
       "compile_s": compile_s, "gflop_per_sample": analytic_per_sample / 1e9,
       "xla_gflop_per_sample": xla_per_sample / 1e9, "gflop_per_s": analytic_per_sample * args.batch_size / seconds / 1e9,
       # Median over steps of each step's FLOP/s over the peak measured just before and after it.
       "mfu": statistics.median(mfus), "mfu_min": min(mfus), "mfu_max": max(mfus),
+      "optimizer_phase": int(outputs["optimizer_phase"]),
   }
-  if args.mode == "train":
-    result["optimizer_phase"] = int(outputs["optimizer_phase"])
   return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
-  parser.add_argument("--mode", choices=("train", "infer"), default="train",
-                      help="time the train step, or evaluation's eval-mode predict step")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--steps", type=int, default=7, help="timed steps per model (medians are reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
@@ -281,7 +268,7 @@ def main(argv=None):
 
   def summary(results) -> str:
     return json.dumps({
-        "benchmark": "train_throughput", "mode": args.mode, "device": device.device_kind,
+        "benchmark": "train_throughput", "mode": "train", "device": device.device_kind,
         "platform": device.platform, "host": cpu_model(), "jax": jax.__version__,
         "half_precision": args.half_precision, "kernels": kernels, "load_average_before": load_before,
         "load_average": load_average(), "peak_gflop_per_s": statistics.median(peak.samples) / 1e9,
@@ -295,7 +282,7 @@ def main(argv=None):
       with open(args.json, "w") as f:
         f.write(summary(results) + "\n")
   print_run_conditions(device, load_before, peak, "step")
-  print(f"{'train step' if args.mode == 'train' else 'inference (eval-mode predict step, one crop per sample)'}, "
+  print(f"train step, "
         f"{'bf16' if args.half_precision else 'fp32'} compute, {kernels} kernels")
   header = (f"{'model':<11} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/sample':>12} {'XLA GFLOP':>9} "
             f"{'GFLOP/s':>8} {'MFU':>6} {'(min-max)':>11}")
@@ -304,7 +291,7 @@ def main(argv=None):
       f"{r['gflop_per_sample']:>12.2f} {r['xla_gflop_per_sample']:>9.2f} {r['gflop_per_s']:>8.1f} "
       f"{100 * r['mfu']:>5.1f}% ({100 * r['mfu_min']:.0f}-{100 * r['mfu_max']:.0f}%)" for r in results])
   spec_att = [r for r in results if r["model"] == "spec_att"]
-  if on_cpu and args.mode == "train" and not args.half_precision and spec_att and args.batch_size == 16:
+  if on_cpu and not args.half_precision and spec_att and args.batch_size == 16:
     r = spec_att[0]
     print(f"reference PyTorch Spec+Att, batch 16, this CPU kind: {REFERENCE_SAMPLES_PER_S} samples/s, "
           f"{100 * REFERENCE_MFU:.0f}% MFU (with SPEC's {SPEC_GFLOP_PER_SAMPLE} GFLOP/sample); here "

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh on the CPU (no GPU here): its runs of benchmarks/train_throughput.py, in both modes and
+"""benchmarks/gpu_check.sh on the CPU (no GPU here): its runs of the training and inference throughput scripts, in both
 precisions, end in one JSON file; and runs its time budget leaves out are listed, not lost."""
 import json
 import os
@@ -30,14 +30,17 @@ def test_every_mode_and_precision_in_one_file(tmp_path):
   assert "failed" not in report and "skipped" not in report
   runs = {(run["mode"], run["half_precision"]): run for run in report["runs"]}
   assert sorted(runs) == [("infer", False), ("infer", True), ("train", False), ("train", True)]
-  for (mode, _), run in runs.items():
+  for run in runs.values():
     assert run["platform"] == "cpu" and run["kernels"] == "cpu"
-    [result] = run["results"]
-    assert result["model"] == "raw_cnnl" and result["mode"] == mode and result["batch_size"] == 4
-    assert result["samples_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert {(r["model"], r["mode"], r["batch_size"]) for r in run["results"]} == {("raw_cnnl", run["mode"], 4)}
+  [train] = runs["train", False]["results"]
+  assert train["samples_per_s"] > 0 and 0 < train["mfu"] < 1
+  # Inference: the batch on one device and split over both (this machine's cores), each with its share of peak.
+  infer = runs["infer", False]["results"]
+  assert [r["devices"] for r in infer] == sorted({1, len(os.sched_getaffinity(0))})
+  assert all(r["crops_per_s"] > 0 and 0 < r["peak_share"] < 1 for r in infer)
   # Inference counts the forward once, training forward and backward: three times as many FLOPs.
-  assert runs["train", False]["results"][0]["gflop_per_sample"] == pytest.approx(
-      3 * runs["infer", False]["results"][0]["gflop_per_sample"])
+  assert train["gflop_per_sample"] == pytest.approx(3 * infer[0]["gflop_per_crop"])
 
 
 def test_runs_past_the_time_budget_are_listed_as_skipped(tmp_path):
