@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every_steps = 50
   train.eval_every_epochs = 1  # validation (16 crops per clip) after every k-th epoch and the last
   train.checkpoints_to_keep = 2  # the latest k, plus the best by validation ROC-AUC
+  train.early_stopping_patience = 0  # end after this many validations in a row without a better ROC-AUC; 0: never
 
   config.optim = optim.recipe_config()  # Adam 1e-4 → SGD (Nesterov 0.9, wd 1e-4) 1e-3 at epoch 60, ×0.1 at 80, 100
 

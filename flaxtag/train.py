@@ -13,7 +13,9 @@ switches (Adam → SGD) or the SGD learning rate drops, training continues from 
 
 One run trains in a workdir at a time (WORKDIR/train.lock, `run_lock`). A checkpoint that cannot be saved (a full
 disk) stops the run with one error; its validation records in metrics.jsonl get `"checkpoint_saved": false`.
-A run that looks diverged (`DivergenceWatch`) is warned about once, on stderr and in metrics.jsonl.
+A run that looks diverged (`DivergenceWatch`) is warned about once, on stderr and in metrics.jsonl. With
+`train.early_stopping_patience` = N, a run ends after N validations in a row without a better ROC-AUC than the best
+so far (`EarlyStopping`); metrics.jsonl records the stop, and rerunning the command does not train further.
 """
 import dataclasses
 import math
@@ -23,8 +25,10 @@ import sys
 import time
 
 from absl import flags
+from jax.experimental import multihost_utils
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -91,6 +95,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   for key in ("num_epochs", "eval_every_epochs"):
     if config.train[key] < 1:
       raise ConfigError(f"train.{key}={config.train[key]} must be at least 1.")
+  if config.train.early_stopping_patience < 0:
+    raise ConfigError(f"train.early_stopping_patience={config.train.early_stopping_patience} must be 0 (never stop "
+                      "early) or a number of validations.")
   steps = input_pipeline.steps_per_epoch(info.split_sizes["train"], local_batch, jax.process_count())
   if steps < 1:
     raise ConfigError(f"the train split of {config.data.name} ({info.split_sizes['train']} clips) is smaller than "
@@ -219,6 +226,39 @@ class DivergenceWatch:
             "or check the data.")
 
 
+class EarlyStopping:
+  """Counts the validations since the best validation ROC-AUC (a strictly higher one resets the count; a non-finite
+  one never does). Built from the metrics.jsonl records kept from earlier attempts, so that a resumed run continues
+  the count, and a run that stopped early stays stopped."""
+
+  def __init__(self, patience: int, records: list[dict]):
+    self.patience = patience
+    self.best = None  # (roc_auc, step)
+    self.since_best = 0
+    for record in records:
+      if record["kind"] == "valid":
+        self.validated(record["step"], _finite_or_none(record["roc_auc"]))
+
+  def validated(self, step: int, roc_auc: float | None):
+    if roc_auc is not None and (self.best is None or roc_auc > self.best[0]):
+      self.best, self.since_best = (roc_auc, step), 0
+    else:
+      self.since_best += 1
+
+  def due(self) -> bool:
+    """Whether to stop now: process 0's answer, on every process (a collective where there are several), since
+    only process 0 reads the records back and all must stop at the same step."""
+    due = self.patience > 0 and self.since_best >= self.patience
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+    return due
+
+  def message(self, step: int) -> str:
+    best = f"{self.best[0]:.4f} at step {self.best[1]}" if self.best else "none finite"
+    return (f"stopped early at step {step}: {self.since_best} validations without a better ROC-AUC than the best "
+            f"({best}); train.early_stopping_patience={self.patience}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run of `config` in `workdir`; returns the last validation scalars. Raises
   run_lock.WorkdirBusy where another run trains in `workdir`."""
@@ -243,6 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   step = int(state.step)
   writer = MetricWriter(workdir, resume_step=step)
   divergence = DivergenceWatch(writer.records)
+  early_stopping = EarlyStopping(config.train.early_stopping_patience, writer.records)
   stop = StopRequests(manager)
   scalars = {}
   bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -251,6 +292,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if step and step % run.steps_per_epoch == 0 and step < run.total_steps:
       # Resumed at an epoch end: redo the stage-change reload, which does not change the saved state.
       state = _maybe_reload(manager, run, state, step)
+    if early_stopping.due():
+      _tell(f"{early_stopping.message(step)}; nothing more to train in {workdir}")
+      return _last_validation(writer.records)
     window_start, window_steps = time.perf_counter(), 0
     while step < run.total_steps:
       state, metrics = train_step(state, sharding.global_batch(next(data_iterator), run.mesh))
@@ -279,6 +323,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             bar.write(f"warning: {warning}", file=sys.stderr)  # on a line of its own, not after the progress bar
           writer.write(step, "warning", {"warning": "diverged", "message": warning})
         _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
+        early_stopping.validated(step, _finite_or_none(scalars["roc_auc"]))
+        if early_stopping.due():
+          writer.write(step, "early_stop", {"epoch": epoch, "best_step": early_stopping.best and early_stopping.best[1],
+                                            "message": early_stopping.message(step)})
+          _tell(early_stopping.message(step))
+          break
       elif epoch_end or stopping:
         _save(manager, run, state, data_iterator)
       if stopping:
@@ -299,6 +349,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     manager.close()
     writer.close()
   return scalars
+
+
+def _last_validation(records: list[dict]) -> dict:
+  """The scalars of the last validation record, as `train_and_evaluate` returns them."""
+  last = [r for r in records if r["kind"] == "valid"][-1:]  # none on processes other than 0
+  return {k: v for r in last for k, v in r.items() if k not in ("kind", "step", "epoch", "checkpoint_saved")}
 
 
 def _maybe_reload(manager, run: Run, state: TrainState, step: int) -> TrainState:

@@ -79,6 +79,41 @@ def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(s
   assert latest is None or latest < first_bad  # nothing after the first bad step was saved
 
 
+def test_early_stopping_counts_validations_since_a_strictly_better_roc_auc():
+  records = [{"kind": "valid", "step": 2 * (i + 1), "roc_auc": r} for i, r in enumerate([0.6, 0.7, 0.7, None])]
+  watch = train.EarlyStopping(2, records + [{"kind": "train", "step": 9, "loss": 1.0}])
+  assert watch.best == (0.7, 4) and watch.since_best == 2 and watch.due()  # a tie and a non-finite do not count
+  watch.validated(10, 0.71)
+  assert watch.best == (0.71, 10) and not watch.due()
+  assert not train.EarlyStopping(0, records).due()  # patience 0: never
+
+
+@pytest.mark.slow
+def test_a_run_stops_early_by_its_validations_and_stays_stopped(synth_data_dir, tmp_path, capsys):
+  # A learning rate of ~0: only BatchNorm's running statistics move, so validation ROC-AUC soon stops improving.
+  config = run_config(synth_data_dir, **{"optim.adam_lr": 1e-12, "train.num_epochs": 8,
+                                         "train.early_stopping_patience": 2})
+  scalars = train.train_and_evaluate(config, str(tmp_path))
+  valid = records(tmp_path, "valid")
+  # The rule, recomputed from the log: the first validation that is the 2nd in a row without a new best.
+  best, since, expected_stop = -1.0, 0, None
+  for r in valid:
+    best, since = (r["roc_auc"], 0) if r["roc_auc"] > best else (best, since + 1)
+    if since == 2:
+      expected_stop = r["step"]
+      break
+  assert expected_stop is not None and expected_stop < 16, [r["roc_auc"] for r in valid]
+  [stop] = records(tmp_path, "early_stop")
+  assert stop["step"] == expected_stop == valid[-1]["step"] == max(r["step"] for r in records(tmp_path, "train"))
+  assert checkpoint.open_manager(tmp_path, read_only=True).latest_step() == expected_stop
+  assert scalars["roc_auc"] == valid[-1]["roc_auc"]
+  assert "stopped early at step" in capsys.readouterr().err
+  # The same command again trains nothing more.
+  assert train.train_and_evaluate(config, str(tmp_path))["roc_auc"] == scalars["roc_auc"]
+  assert "nothing more to train" in capsys.readouterr().err
+  assert max(r["step"] for r in records(tmp_path, "train")) == expected_stop
+
+
 def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
   from flaxtag.errors import ConfigError
   with pytest.raises(ConfigError, match="model.num_tags=50 but synth_instruments has 25 tags"):
