@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       cls_token="fixed",  # 'fixed' (A's RandomState(0) vector) | 'learned'
       positions="sinusoidal",  # 'sinusoidal' | 'learned' (A's visualisation model)
       max_positions=512))
+  model.cnn_p = ml_collections.ConfigDict(dict(channels=512, embed_dim=500))  # CNN P's widths (SPEC §3)
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "mtat/top50_clean"  # a dataset built by `python -m data_prep.build`

@@ -51,6 +51,29 @@ def test_learned_cls_and_positions_add_their_parameters():
   del plain
 
 
+def test_cnn_p_widths_are_config_fields():
+  default = tagger.count_parameters(tagger.abstract_variables(
+      tagger.build_model(model_config("spec", "cnn_p").model))["params"])
+  narrow = tagger.abstract_variables(tagger.build_model(model_config(
+      "spec", "cnn_p", cnn_p=dict(channels=64, embed_dim=100)).model))["params"]
+  c_in, head_in = 16 * 29, 64  # the front-end's channels (c = 16), then CNN P's
+  convs = 7 * c_in * 64 + 2 * 7 * 64 * 64 + 3 * (64 + 2 * 64)  # kernels; bias, BatchNorm scale and shift
+  dense = 2 * head_in * 100 + 100 + 2 * 100  # max ‖ mean → embedding, its bias and BatchNorm
+  assert narrow["backend"]["dense"]["kernel"].shape == (128, 100)
+  # Only the back-end and the head's input width change.
+  frontend = tagger.count_parameters(narrow["frontend"])
+  assert tagger.count_parameters(narrow) == frontend + convs + dense + (100 + 1) * 50
+  reference = tagger.count_parameters(tagger.abstract_variables(
+      tagger.build_model(model_config("spec", "cnn_p").model))["params"]["frontend"])
+  assert frontend == reference and default == 5_926_424
+  # A config saved before model.cnn_p existed builds SPEC's CNN P.
+  old = model_config("spec", "cnn_p")
+  del old.model["cnn_p"]
+  assert tagger.build_model(old.model).cnn_p == backends.PonsConfig(512, 500)
+  with pytest.raises(ConfigError, match="model.cnn_p.channels and embed_dim must be positive"):
+    tagger.build_model(model_config("spec", "cnn_p", cnn_p=dict(channels=0, embed_dim=10)).model)
+
+
 def test_sinusoidal_positions_follow_the_formula():
   table = backends.sinusoidal_positions(5, 8)
   assert np.all(table[0] == 0)

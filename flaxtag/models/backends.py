@@ -134,20 +134,33 @@ class AttentionBackEnd(nn.Module):
     return jnp.tanh(nn.Dense(width, dtype=self.dtype, name="pooler")(x[:, 0]))
 
 
-class PonsBackEnd(nn.Module):
-  """CNN P: three k7 convs with residuals and a max-pool, global max ‖ mean over time, dense 1024 → 500."""
+@dataclasses.dataclass(frozen=True)
+class PonsConfig:
+  """CNN P's widths (`config.model.cnn_p`): SPEC §3's 512 channels and 500-wide embedding by default; smaller ones
+  compare back-ends at matched capacity."""
   channels: int = 512
   embed_dim: int = 500
+
+  def __post_init__(self):
+    if self.channels < 1 or self.embed_dim < 1:
+      raise ConfigError(f"model.cnn_p.channels and embed_dim must be positive, got {self.channels} and "
+                        f"{self.embed_dim}.")
+
+
+class PonsBackEnd(nn.Module):
+  """CNN P: three k7 convs with residuals and a max-pool, global max ‖ mean over time, dense 2·channels → embed."""
+  config: PonsConfig = PonsConfig()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_0")(x, train)
-    x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_1")(x, train)
+    channels = self.config.channels
+    x = ConvBlock(channels, 7, dtype=self.dtype, name="conv_0")(x, train)
+    x = x + ConvBlock(channels, 7, dtype=self.dtype, name="conv_1")(x, train)
     x = max_pool(x, 2)
-    x = x + ConvBlock(self.channels, 7, dtype=self.dtype, name="conv_2")(x, train)
+    x = x + ConvBlock(channels, 7, dtype=self.dtype, name="conv_2")(x, train)
     x = jnp.concatenate([jnp.max(x, axis=1), jnp.mean(x, axis=1)], axis=-1)
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="dense")(x)
+    x = nn.Dense(self.config.embed_dim, dtype=self.dtype, name="dense")(x)
     return nn.relu(BatchNorm(self.dtype, name="dense_bn")(x, train))
 
 
@@ -175,8 +188,8 @@ class SampleBackEnd(nn.Module):
 class BackEnd(NamedTuple):
   """A back-end, as `tagger.MusicTagger` builds it and the tagging tools ask about it.
 
-  build(conv_channels, encoder, dtype, name) → the flax module, called as module(features, train) or, with
-    `attention`, module(features, train, forced_attention).
+  build(model, name) → the flax module of `model` (the `tagger.MusicTagger` it is part of, whose fields describe
+    it), called as module(features, train) or, with `attention`, module(features, train, forced_attention).
   frontends: the front-ends it follows (`config.model.frontend`).
   attention: whether it has self-attention: the front-end then projects its features to the encoder's width, the
     layers sow their attention probabilities, attention can be forced (SPEC §8), and `flaxtag.explain` has maps to
@@ -189,10 +202,10 @@ class BackEnd(NamedTuple):
 
 # Every back-end by name; adding a back-end is adding an entry.
 BACKENDS: dict[str, BackEnd] = {
-    "attention": BackEnd(lambda conv_channels, encoder, dtype, name: AttentionBackEnd(encoder, dtype=dtype, name=name),
+    "attention": BackEnd(lambda model, name: AttentionBackEnd(model.encoder, dtype=model.dtype, name=name),
                          frontends=("spec", "raw"), attention=True),
-    "cnn_p": BackEnd(lambda conv_channels, encoder, dtype, name: PonsBackEnd(dtype=dtype, name=name),
+    "cnn_p": BackEnd(lambda model, name: PonsBackEnd(model.cnn_p, dtype=model.dtype, name=name),
                      frontends=("spec",), attention=False),
-    "cnn_l": BackEnd(lambda conv_channels, encoder, dtype, name: SampleBackEnd(conv_channels, dtype=dtype, name=name),
+    "cnn_l": BackEnd(lambda model, name: SampleBackEnd(model.conv_channels, dtype=model.dtype, name=name),
                      frontends=("raw",), attention=False),
 }

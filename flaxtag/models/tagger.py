@@ -23,6 +23,7 @@ class MusicTagger(nn.Module):
   num_tags: int
   mel: audio.MelConfig = audio.MelConfig()
   encoder: backends.EncoderConfig = backends.EncoderConfig()
+  cnn_p: backends.PonsConfig = backends.PonsConfig()
   head: str = heads.FLAT
   head_options: heads.HeadOptions = heads.HeadOptions()
   hierarchy: Hierarchy | None = None
@@ -39,7 +40,7 @@ class MusicTagger(nn.Module):
       features = frontends.SampleFrontEnd(self.conv_channels, projection_dim=projection, dtype=self.dtype,
                                           name="frontend")
     x = features(x, train)
-    embed = backend.build(self.conv_channels, self.encoder, self.dtype, name="backend")
+    embed = backend.build(self, name="backend")
     if backend.attention:
       x = embed(x, train, forced_attention)
     elif forced_attention is not None:
@@ -86,6 +87,8 @@ def build_model(model_config: ml_collections.ConfigDict, hierarchy: Hierarchy | 
       num_tags=cfg.num_tags,
       mel=_fields(audio.MelConfig, cfg.features.to_dict(), "model.features"),
       encoder=_fields(backends.EncoderConfig, cfg.encoder.to_dict(), "model.encoder"),
+      # Configs saved before model.cnn_p existed describe the default CNN P.
+      cnn_p=_fields(backends.PonsConfig, cfg.cnn_p.to_dict() if "cnn_p" in cfg else {}, "model.cnn_p"),
       head=cfg.head,
       head_options=heads.HeadOptions.from_dict(cfg.head_options.to_dict()),
       hierarchy=hierarchy,
