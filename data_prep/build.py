@@ -5,6 +5,7 @@ r"""Builds a flaxtag dataset: python -m data_prep.build NAME[/CONFIG] --data_dir
   python -m data_prep.build msd --manual_dir ~/raw/msd --data_dir ~/data --beam --num_workers 8
   python -m data_prep.build synth_instruments --data_dir ~/data [--num_train 2000 --soundfont my.sf2]
   python -m data_prep.build mtg_jamendo/genre --manual_dir ~/raw/jamendo --data_dir ~/data [--split 2 --max_seconds 30]
+  python -m data_prep.build folder/my_songs --manual_dir ~/my_songs --data_dir ~/data [--labels tags.csv]
 
 Shows a progress bar per split and ends with a summary (examples per split, skipped files, time, clips/s). A
 complete dataset is reused unless --overwrite; an interrupted one is rebuilt.
@@ -25,6 +26,7 @@ BUILDERS = {
     "msd": "data_prep.msd.msd:Msd",
     "synth_instruments": "data_prep.synth_instruments.synth_instruments:SynthInstruments",
     "mtg_jamendo": "data_prep.mtg_jamendo.mtg_jamendo:MtgJamendo",
+    "folder": "data_prep.folder.folder:Folder",
 }
 # Options a builder may take (each lists its own in BUILD_ARGS), with their help text.
 BUILDER_ARGS = {
@@ -37,7 +39,12 @@ BUILDER_ARGS = {
     "split": "mtg_jamendo: which of the dataset's five official splits, 0-4 (default 0)",
     "max_tracks": "mtg_jamendo: build only N tracks in all, always the same N (those with the smallest sha256 of "
                   "TRACK_ID), each in its official split (default: all)",
-    "max_seconds": "mtg_jamendo: keep the middle S seconds of each track (default: the whole track)",
+    "max_seconds": "mtg_jamendo, folder: keep the middle S seconds of each track (default: the whole track)",
+    "labels": "folder: the CSV/TSV labels file (default: the labels.csv or labels.tsv in --manual_dir)",
+    "tag_separator": "folder: what separates the tags in a 'tags' column (default ';')",
+    "valid_fraction": "folder, without a 'split' column: share of rows drawn for valid (default 0.1)",
+    "test_fraction": "folder, without a 'split' column: share of rows drawn for test (default 0.1)",
+    "split_seed": "folder, without a 'split' column: seed of the random split (default 0)",
 }
 
 
@@ -89,6 +96,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("split", None, BUILDER_ARGS["split"])
   flags.DEFINE_integer("max_tracks", None, BUILDER_ARGS["max_tracks"])
   flags.DEFINE_float("max_seconds", None, BUILDER_ARGS["max_seconds"])
+  flags.DEFINE_string("labels", None, BUILDER_ARGS["labels"])
+  flags.DEFINE_string("tag_separator", None, BUILDER_ARGS["tag_separator"])
+  flags.DEFINE_float("valid_fraction", None, BUILDER_ARGS["valid_fraction"])
+  flags.DEFINE_float("test_fraction", None, BUILDER_ARGS["test_fraction"])
+  flags.DEFINE_integer("split_seed", None, BUILDER_ARGS["split_seed"])
 
 
 def main(argv: Sequence[str]) -> None:

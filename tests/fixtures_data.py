@@ -5,6 +5,7 @@
   make_msd_tree(root, ...)             MSD: Python-2-protocol pickles + 22.05/44.1 kHz stereo MP3 previews
   write_msd_path_maps(root, paths)     MSD: the optional 7digital path maps, each track's path as given
   make_jamendo_tree(root, shared, ids) MTG-Jamendo: the real metadata (data/, linked or rewritten) + audio for `ids`
+  make_folder_tree(root, ...)          folder: wav/flac/mp3 files + a labels CSV/TSV in either tag form
   build_dataset(name, manual_dir, data_dir, **flags) -> data_dir
 
 The audio is small (a few seconds at 16 kHz) but tag-dependent (tones keyed to the tags), so that a model can learn
@@ -270,6 +271,52 @@ def make_jamendo_tree(root, shared_dir, track_ids: Sequence[str], *, low_quality
         f.write(_corrupt_bytes(i))
     else:
       _write_mp3(file, _tone(np.flatnonzero(labels), 1.0 + 0.25 * (i % 5), 16000, 1, i), 16000)
+  return clips
+
+
+FOLDER_TAGS = ("piano", "drums", "guitar", "voice")  # the 0/1 columns' order; sorted for a 'tags' column
+
+
+def make_folder_tree(root, n: int = 12, *, tag_form: str = "tags", split_column: bool = True,
+                     group_column: Optional[str] = None, labels_name: str = "labels.csv",
+                     corrupt: Optional[int] = None) -> list[Clip]:
+  """Writes an audio folder for the `folder` builder: n tone files in wav, flac and mp3 (cycling; 22.05 kHz stereo
+  or 16 kHz mono; 1-2 s), in sub-folders, and a labels file (comma-separated, or tab-separated for a .tsv name).
+
+  tag_form 'tags' writes one `tags` column ('a;b'), 'columns' one 0/1 column per tag of FOLDER_TAGS. With
+  split_column, rows cycle train, train, valid (written 'validation' every other time), test; with group_column
+  ('artist' or 'group'), rows i and i + 1 (i even) share a group. File `corrupt` (an index) is not audio.
+  Returns the clips (id = path) with labels in the builder's tag order.
+  """
+  rng = np.random.default_rng(3)
+  order = sorted(FOLDER_TAGS) if tag_form == "tags" else list(FOLDER_TAGS)
+  header = ["path", *(["split"] if split_column else []), *([group_column] if group_column else []),
+            *(["tags"] if tag_form == "tags" else FOLDER_TAGS)]
+  rows, clips = [], []
+  for i in range(n):
+    fmt = ("wav", "flac", "mp3")[i % 3]
+    path = f"set{i % 2}/clip_{i:02d}.{fmt}"
+    on = [t for j, t in enumerate(FOLDER_TAGS) if rng.random() < 0.4 or j == i % len(FOLDER_TAGS)]
+    split = ("train", "train", "valid", "test")[i % 4]
+    row = [path]
+    if split_column:
+      row.append("validation" if split == "valid" and i % 8 == 6 else split)
+    if group_column:
+      row.append(f"artist_{i // 2}")
+    row += [";".join(on)] if tag_form == "tags" else ["1" if t in on else "0" for t in FOLDER_TAGS]
+    rows.append(row)
+    file = os.path.join(root, path)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    if i == corrupt:
+      with open(file, "wb") as f:
+        f.write(_corrupt_bytes(i))
+    else:
+      rate, channels = (22050, 2) if i % 2 else (16000, 1)
+      x = _tone([FOLDER_TAGS.index(t) for t in on], 1.0 + 0.25 * (i % 5), rate, channels, i)
+      soundfile.write(file, x, rate, format=fmt.upper())
+    clips.append(Clip(path, path, split, np.array([t in on for t in order], np.uint8), broken=i == corrupt))
+  with open(os.path.join(root, labels_name), "w", newline="") as f:
+    csv.writer(f, delimiter="\t" if labels_name.endswith(".tsv") else ",").writerows([header, *rows])
   return clips
 
 
