@@ -4,6 +4,8 @@ r"""Builds a flaxtag dataset: python -m data_prep.build NAME[/CONFIG] --data_dir
   python -m data_prep.build mtat/top50_full --manual_dir ~/raw/mtat --data_dir ~/data
   python -m data_prep.build msd --manual_dir ~/raw/msd --data_dir ~/data --beam --num_workers 8
   python -m data_prep.build synth_instruments --data_dir ~/data [--num_train 2000 --soundfont my.sf2]
+  python -m data_prep.build mtg_jamendo/genre --manual_dir ~/raw/jamendo --data_dir ~/data [--split 2 --max_seconds 30]
+  python -m data_prep.build folder/my_songs --manual_dir ~/my_songs --data_dir ~/data [--labels tags.csv]
 
 Shows a progress bar per split and ends with a summary (examples per split, skipped files, time, clips/s). A
 complete dataset is reused unless --overwrite; an interrupted one is rebuilt.
@@ -23,6 +25,8 @@ BUILDERS = {
     "mtat": "data_prep.mtat.mtat:Mtat",
     "msd": "data_prep.msd.msd:Msd",
     "synth_instruments": "data_prep.synth_instruments.synth_instruments:SynthInstruments",
+    "mtg_jamendo": "data_prep.mtg_jamendo.mtg_jamendo:MtgJamendo",
+    "folder": "data_prep.folder.folder:Folder",
 }
 # Options a builder may take (each lists its own in BUILD_ARGS), with their help text.
 BUILDER_ARGS = {
@@ -32,6 +36,15 @@ BUILDER_ARGS = {
     "seed": "seed of a synthetic set",
     "clip_seconds": "clip length of a synthetic set, in seconds",
     "soundfont": "SoundFont (.sf2) for synth_instruments (default: pretty_midi's TimGM6mb.sf2)",
+    "split": "mtg_jamendo: which of the dataset's five official splits, 0-4 (default 0)",
+    "max_tracks": "mtg_jamendo: build only N tracks in all, always the same N (those with the smallest sha256 of "
+                  "TRACK_ID), each in its official split (default: all)",
+    "max_seconds": "mtg_jamendo, folder: keep the middle S seconds of each track (default: the whole track)",
+    "labels": "folder: the CSV/TSV labels file (default: the labels.csv or labels.tsv in --manual_dir)",
+    "tag_separator": "folder: what separates the tags in a 'tags' column (default ';')",
+    "valid_fraction": "folder, without a 'split' column: share of rows drawn for valid (default 0.1)",
+    "test_fraction": "folder, without a 'split' column: share of rows drawn for test (default 0.1)",
+    "split_seed": "folder, without a 'split' column: seed of the random split (default 0)",
 }
 
 
@@ -53,12 +66,13 @@ def build(name: str, data_dir, manual_dir=None, *, overwrite: bool = False, beam
   unknown = sorted(set(builder_args) - set(getattr(cls, "BUILD_ARGS", ())))
   if unknown:
     raise ConfigError(f"{', '.join('--' + u for u in unknown)} does not apply to {name.split('/')[0]}")
-  if config is not None and config not in [c.name for c in cls.BUILDER_CONFIGS]:
+  if config is not None and cls.get_builder_config(config) is None:
     raise ConfigError(f"{cls.name} has no config {config!r}; choose one of "
                       f"{', '.join(c.name for c in cls.BUILDER_CONFIGS) or '(none)'}")
   if not verbose:
     tfds.disable_progress_bar()  # our per-clip bars replace tfds's per-split ones
-  builder = cls(data_dir=os.fspath(data_dir), config=config, num_workers=num_workers, beam=beam, **builder_args)
+  builder = cls(data_dir=os.fspath(data_dir), config=config, manual_dir=manual_dir, num_workers=num_workers, beam=beam,
+                **builder_args)
   return builder.prepare(manual_dir=manual_dir, overwrite=overwrite, beam_options=beam_options)
 
 
@@ -79,6 +93,14 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", None, BUILDER_ARGS["seed"])
   flags.DEFINE_float("clip_seconds", None, BUILDER_ARGS["clip_seconds"])
   flags.DEFINE_string("soundfont", None, BUILDER_ARGS["soundfont"])
+  flags.DEFINE_integer("split", None, BUILDER_ARGS["split"])
+  flags.DEFINE_integer("max_tracks", None, BUILDER_ARGS["max_tracks"])
+  flags.DEFINE_float("max_seconds", None, BUILDER_ARGS["max_seconds"])
+  flags.DEFINE_string("labels", None, BUILDER_ARGS["labels"])
+  flags.DEFINE_string("tag_separator", None, BUILDER_ARGS["tag_separator"])
+  flags.DEFINE_float("valid_fraction", None, BUILDER_ARGS["valid_fraction"])
+  flags.DEFINE_float("test_fraction", None, BUILDER_ARGS["test_fraction"])
+  flags.DEFINE_integer("split_seed", None, BUILDER_ARGS["split_seed"])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -54,6 +54,22 @@ def multi_hot_feature(num_tags: int, doc: str = "multi-hot tags, 0/1") -> tfds.f
   return tfds.features.Tensor(shape=(num_tags,), dtype=LABEL_DTYPE, doc=doc)
 
 
+def tagging_info(builder: tfds.core.DatasetBuilder, tags: Sequence[str], description: str, id_doc: str,
+                 **kwargs) -> tfds.core.DatasetInfo:
+  """The DatasetInfo of a set of clips with one multi-hot label vector: features `audio`, `labels`, `id`, and the tag
+  names in the metadata (`tags`); kwargs go to DatasetInfo (homepage, citation)."""
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=tfds.features.FeaturesDict({
+          "audio": audio_feature(),
+          "labels": multi_hot_feature(len(tags)),
+          "id": tfds.features.Text(doc=id_doc),
+      }),
+      metadata=tfds.core.MetadataDict(tags=list(tags)),
+      **kwargs)
+
+
 class Item(NamedTuple):
   """One clip to build: its tfds key, the file (or archive member) it comes from, and what the builder needs."""
   key: str
@@ -247,12 +263,16 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   Subclasses define `_info` and `_split_items(manual_dir) -> {split: (items, make_example)}`, where
   `make_example(item)` is a module-level function (it may run in another process) that returns the tfds example
-  or raises AudioError.
+  or raises AudioError. A set whose tag names come from its raw files reads them in `_info` from `self.manual_dir`.
+  `build_options` names the options that shape the data, so that a build with other options is not reused.
   """
 
   BUILD_ARGS: tuple[str, ...] = ()  # options of data_prep.build this builder takes, as __init__ keywords
 
-  def __init__(self, *, num_workers: int = 1, beam: bool = False, **kwargs):
+  def __init__(self, *, manual_dir: Optional[epath.PathLike] = None, num_workers: int = 1, beam: bool = False,
+               **kwargs):
+    # Set before tfds's __init__, which calls _info: builders whose tag names come from the raw files read them here.
+    self.manual_dir = epath.Path(manual_dir) if manual_dir else None
     super().__init__(file_format=file_adapters.FileFormat.ARRAY_RECORD, **kwargs)
     self._num_workers = num_workers
     self._beam = beam
@@ -273,8 +293,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # tfds's manual dir must exist even for sets that need none: prepare() plans from ours.
     if self._plan is None:
       raise DatasetError(f"build {self.name} with prepare() (python -m data_prep.build), not download_and_prepare()")
+    # tfds cannot write a split without examples (a small sample may leave one empty): such a split is left out.
     return {split: self._generate_examples(items, make_example, split)
-            for split, (items, make_example) in self._plan.items()}
+            for split, (items, make_example) in self._plan.items() if items}
 
   def _generate_examples(self, items, make_example, split):
     return example_source(items, make_example, split, self.skip_log, self._pool, self._beam,
@@ -282,6 +303,11 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _extra_files(self) -> Mapping[str, Any]:
     """JSON files to write beside the dataset, name → content."""
+    return {}
+
+  def build_options(self) -> dict[str, Any]:
+    """The options that shape this build (JSON values), kept in the build summary: a complete dataset built with
+    other options is not silently reused."""
     return {}
 
   def prepare(self, manual_dir: Optional[epath.PathLike] = None, overwrite: bool = False,
@@ -293,10 +319,16 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     path = epath.Path(self.data_path)
     if is_complete(path) and not overwrite:
       summary = json.loads((path / BUILD_SUMMARY_FILE).read_text())
+      built, asked = summary.get("options", {}), self.build_options()
+      changed = [k for k in sorted(set(built) | set(asked)) if built.get(k) != asked.get(k)]
+      if changed:
+        raise DatasetError(f"{path} was built with {', '.join(f'{k}={built.get(k)!r}' for k in changed)}, not "
+                           f"{', '.join(f'{k}={asked.get(k)!r}' for k in changed)}; add --overwrite to rebuild it.")
       summary["reused"] = True
       return summary
     # Every check of the raw data runs before anything is written.
     self._skipped_while_planning = []
+    manual_dir = manual_dir or self.manual_dir
     self._plan = self._split_items(epath.Path(manual_dir) if manual_dir else None)
     remove_partial(path)
     self.skip_log.reset()
@@ -337,6 +369,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "total_examples": total,
         "skipped": len(skipped),
         "manifest": os.fspath(path / SKIPPED_FILES_FILE),
+        "options": self.build_options(),
         "seconds": round(seconds, 2),
         "clips_per_second": round((total + len(skipped)) / max(seconds, 1e-9), 2),
     }
@@ -349,5 +382,34 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def to_example(waveform: np.ndarray, labels: np.ndarray, clip_id: str, **extra) -> dict[str, Any]:
   """A tfds example from a float waveform at 16 kHz (stored as int16 PCM) and 0/1 labels."""
   return {"audio": audio.to_int16(waveform), "labels": np.asarray(labels, LABEL_DTYPE), "id": clip_id, **extra}
+
+
+def centred_excerpt(waveform: np.ndarray, max_seconds: Optional[float]) -> np.ndarray:
+  """The middle max_seconds of a 16 kHz waveform (all of it when shorter, or when max_seconds is None)."""
+  if max_seconds is None:
+    return waveform
+  length = int(round(max_seconds * audio.SAMPLE_RATE))
+  start = max(0, (len(waveform) - length) // 2)
+  return waveform[start:start + length]
+
+
+def example_from_file(item: Item) -> dict:
+  """The example of an audio file (any format `audio.load_audio` reads); payload (labels, clip id, max seconds)."""
+  labels, clip_id, max_seconds = item.payload
+  return to_example(centred_excerpt(audio.load_audio(item.source), max_seconds), labels, clip_id)
+
+
+def check_max_seconds(max_seconds: Optional[float], dataset: str) -> None:
+  if max_seconds is not None and not max_seconds > 0:
+    raise DatasetError(f"{dataset}: --max_seconds must be positive (or left out to keep whole tracks), got "
+                       f"{max_seconds}")
+
+
+def file_sha256(path: epath.PathLike) -> str:
+  digest = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 

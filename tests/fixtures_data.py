@@ -4,6 +4,8 @@
   append_mtat_clip(root, id, path)     MTAT: one more annotation row, its mp3_path as given
   make_msd_tree(root, ...)             MSD: Python-2-protocol pickles + 22.05/44.1 kHz stereo MP3 previews
   write_msd_path_maps(root, paths)     MSD: the optional 7digital path maps, each track's path as given
+  make_jamendo_tree(root, shared, ids) MTG-Jamendo: the real metadata (data/, linked or rewritten) + audio for `ids`
+  make_folder_tree(root, ...)          folder: wav/flac/mp3 files + a labels CSV/TSV in either tag form
   build_dataset(name, manual_dir, data_dir, **flags) -> data_dir
 
 The audio is small (a few seconds at 16 kHz) but tag-dependent (tones keyed to the tags), so that a model can learn
@@ -16,7 +18,7 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import soundfile
@@ -208,6 +210,114 @@ def _dump(path: str, obj) -> None:
 def write_forbidden_pickle(path: str) -> None:
   """A protocol-2 pickle holding an instance of a class outside the allowed set."""
   _dump(path, {b"TRAAAAA000000000000": NotAllowed()})
+
+
+JAMENDO_SPLIT_FILES = {"train": "train", "valid": "validation", "test": "test"}  # split → file suffix
+
+
+def read_jamendo_tsv(path) -> dict[str, tuple[str, tuple[str, ...]]]:
+  """{TRACK_ID: (PATH, tags as written)} of one of MTG-Jamendo's TSV files, read with plain csv."""
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f, delimiter="\t"))
+  return {row[0]: (row[3], tuple(row[5:])) for row in rows[1:] if row}
+
+
+def jamendo_split_tracks(shared_dir, subset: str = "instrument", split: int = 0) -> dict[str, dict]:
+  """{split: {TRACK_ID: (PATH, tags)}} of the official split files in `shared_dir` (the dataset's data/)."""
+  return {s: read_jamendo_tsv(os.path.join(shared_dir, "splits", f"split-{split}",
+                                           f"autotagging_{subset}-{suffix}.tsv"))
+          for s, suffix in JAMENDO_SPLIT_FILES.items()}
+
+
+def make_jamendo_tree(root, shared_dir, track_ids: Sequence[str], *, low_quality=(), broken=(), missing=(),
+                      paths: Optional[Mapping[str, str]] = None) -> dict[str, Clip]:
+  """Writes an MTG-Jamendo manual dir: data/ with the real metadata of `shared_dir` (linked, never copied into the
+  project; copied with the PATH of the tracks in `paths` replaced, CRLF kept, when `paths` is given) and audio/ with
+  a tone MP3 (1-2 s, keyed to the track's instrument tags) for each of `track_ids`, named NN/ID.low.mp3 for those in
+  `low_quality`, corrupt for those in `broken`, absent for those in `missing`. Returns {TRACK_ID: Clip} with labels
+  over the instrument tags sorted by name.
+  """
+  os.makedirs(root, exist_ok=True)
+  data = os.path.join(root, "data")
+  if paths is None:
+    os.symlink(os.path.abspath(shared_dir), data)
+  else:
+    for folder, _, names in os.walk(shared_dir):
+      for name in (n for n in names if n.endswith(".tsv")):
+        target = os.path.join(data, os.path.relpath(os.path.join(folder, name), shared_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(os.path.join(folder, name), newline="", encoding="utf-8") as f:
+          lines = f.read().split("\r\n")
+        for i, line in enumerate(lines):
+          fields = line.split("\t")
+          if fields[0] in paths:
+            lines[i] = "\t".join([*fields[:3], paths[fields[0]], *fields[4:]])
+        with open(target, "w", newline="", encoding="utf-8") as f:
+          f.write("\r\n".join(lines))
+  tags = sorted({t.split("---", 1)[1] for _, row_tags in read_jamendo_tsv(
+      os.path.join(shared_dir, "autotagging_instrument.tsv")).values() for t in row_tags})
+  split_of = {t: (s, row) for s, rows in jamendo_split_tracks(shared_dir).items() for t, row in rows.items()}
+  clips = {}
+  for i, track in enumerate(track_ids):
+    split, (path, row_tags) = split_of[track]
+    labels = np.array([f"instrument---{t}" in row_tags for t in tags], np.uint8)
+    clips[track] = Clip(track, path, split, labels, broken=track in broken or track in missing)
+    if track in missing:
+      continue
+    file = os.path.join(root, "audio", path[:-len(".mp3")] + ".low.mp3" if track in low_quality else path)
+    if track in broken:
+      os.makedirs(os.path.dirname(file), exist_ok=True)
+      with open(file, "wb") as f:
+        f.write(_corrupt_bytes(i))
+    else:
+      _write_mp3(file, _tone(np.flatnonzero(labels), 1.0 + 0.25 * (i % 5), 16000, 1, i), 16000)
+  return clips
+
+
+FOLDER_TAGS = ("piano", "drums", "guitar", "voice")  # the 0/1 columns' order; sorted for a 'tags' column
+
+
+def make_folder_tree(root, n: int = 12, *, tag_form: str = "tags", split_column: bool = True,
+                     group_column: Optional[str] = None, labels_name: str = "labels.csv",
+                     corrupt: Optional[int] = None) -> list[Clip]:
+  """Writes an audio folder for the `folder` builder: n tone files in wav, flac and mp3 (cycling; 22.05 kHz stereo
+  or 16 kHz mono; 1-2 s), in sub-folders, and a labels file (comma-separated, or tab-separated for a .tsv name).
+
+  tag_form 'tags' writes one `tags` column ('a;b'), 'columns' one 0/1 column per tag of FOLDER_TAGS. With
+  split_column, rows cycle train, train, valid (written 'validation' every other time), test; with group_column
+  ('artist' or 'group'), rows i and i + 1 (i even) share a group. File `corrupt` (an index) is not audio.
+  Returns the clips (id = path) with labels in the builder's tag order.
+  """
+  rng = np.random.default_rng(3)
+  order = sorted(FOLDER_TAGS) if tag_form == "tags" else list(FOLDER_TAGS)
+  header = ["path", *(["split"] if split_column else []), *([group_column] if group_column else []),
+            *(["tags"] if tag_form == "tags" else FOLDER_TAGS)]
+  rows, clips = [], []
+  for i in range(n):
+    fmt = ("wav", "flac", "mp3")[i % 3]
+    path = f"set{i % 2}/clip_{i:02d}.{fmt}"
+    on = [t for j, t in enumerate(FOLDER_TAGS) if rng.random() < 0.4 or j == i % len(FOLDER_TAGS)]
+    split = ("train", "train", "valid", "test")[i % 4]
+    row = [path]
+    if split_column:
+      row.append("validation" if split == "valid" and i % 8 == 6 else split)
+    if group_column:
+      row.append(f"artist_{i // 2}")
+    row += [";".join(on)] if tag_form == "tags" else ["1" if t in on else "0" for t in FOLDER_TAGS]
+    rows.append(row)
+    file = os.path.join(root, path)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    if i == corrupt:
+      with open(file, "wb") as f:
+        f.write(_corrupt_bytes(i))
+    else:
+      rate, channels = (22050, 2) if i % 2 else (16000, 1)
+      x = _tone([FOLDER_TAGS.index(t) for t in on], 1.0 + 0.25 * (i % 5), rate, channels, i)
+      soundfile.write(file, x, rate, format=fmt.upper())
+    clips.append(Clip(path, path, split, np.array([t in on for t in order], np.uint8), broken=i == corrupt))
+  with open(os.path.join(root, labels_name), "w", newline="") as f:
+    csv.writer(f, delimiter="\t" if labels_name.endswith(".tsv") else ",").writerows([header, *rows])
+  return clips
 
 
 def build_dataset(name: str, manual_dir, data_dir, **flags) -> str:

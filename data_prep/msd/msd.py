@@ -93,16 +93,9 @@ class Msd(common.Builder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Million Song Dataset 30 s previews, 16 kHz mono, multi-hot top-50 last.fm tags.",
-        features=tfds.features.FeaturesDict({
-            "audio": common.audio_feature(),
-            "labels": common.multi_hot_feature(len(TAGS)),
-            "id": tfds.features.Text(doc="MSD track id"),
-        }),
+    return common.tagging_info(
+        self, TAGS, "Million Song Dataset 30 s previews, 16 kHz mono, multi-hot top-50 last.fm tags.", "MSD track id",
         homepage="http://millionsongdataset.com/",
-        metadata=tfds.core.MetadataDict(tags=list(TAGS)),
         citation="Bertin-Mahieux et al., The Million Song Dataset, ISMIR 2011.",
     )
 

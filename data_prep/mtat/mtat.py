@@ -165,16 +165,9 @@ class Mtat(common.Builder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="MagnaTagATune 29 s clips, 16 kHz mono, multi-hot top-50 tags.",
-        features=tfds.features.FeaturesDict({
-            "audio": common.audio_feature(),
-            "labels": common.multi_hot_feature(len(self._tags)),
-            "id": tfds.features.Text(doc="clip_id of annotations_final.csv"),
-        }),
-        homepage="https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset",
-        metadata=tfds.core.MetadataDict(tags=list(self._tags)),
+    return common.tagging_info(
+        self, self._tags, "MagnaTagATune 29 s clips, 16 kHz mono, multi-hot top-50 tags.",
+        "clip_id of annotations_final.csv", homepage="https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset",
         citation="Law et al., Evaluation of algorithms using games: the case of music tagging, ISMIR 2009.",
     )
 
