@@ -3,7 +3,7 @@ r"""Builds a flaxtag dataset: python -m data_prep.build NAME[/CONFIG] --data_dir
   python -m data_prep.build mtat --manual_dir ~/raw/mtat --data_dir ~/data           # mtat/top50_clean
   python -m data_prep.build mtat/top50_full --manual_dir ~/raw/mtat --data_dir ~/data
   python -m data_prep.build msd --manual_dir ~/raw/msd --data_dir ~/data --beam --num_workers 8
-  python -m data_prep.build synth_instruments --data_dir ~/data [--num_train 2000 --soundfont my.sf2]
+  python -m data_prep.build synth_instruments --data_dir ~/data [--soundfont a.sf2,b.sf2 --augment=false]
 
 Shows a progress bar per split and ends with a summary (examples per split, skipped files, time, clips/s). A
 complete dataset is reused unless --overwrite; an interrupted one is rebuilt.
@@ -31,7 +31,9 @@ BUILDER_ARGS = {
     "num_test": "test clips (synthetic sets) / first ids of the test list (msd; default: all)",
     "seed": "seed of a synthetic set",
     "clip_seconds": "clip length of a synthetic set, in seconds",
-    "soundfont": "SoundFont (.sf2) for synth_instruments (default: pretty_midi's TimGM6mb.sf2)",
+    "soundfont": "SoundFont(s) (.sf2) for synth_instruments, comma-separated: each part of a clip is rendered with one "
+                 "drawn from them (default: pretty_midi's TimGM6mb.sf2)",
+    "augment": "synth_instruments: detune, equalise and level each part, add a room and noise (default: true)",
 }
 
 
@@ -79,6 +81,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", None, BUILDER_ARGS["seed"])
   flags.DEFINE_float("clip_seconds", None, BUILDER_ARGS["clip_seconds"])
   flags.DEFINE_string("soundfont", None, BUILDER_ARGS["soundfont"])
+  flags.DEFINE_bool("augment", None, BUILDER_ARGS["augment"])
 
 
 def main(argv: Sequence[str]) -> None:
