@@ -264,6 +264,21 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_items(self, manual_dir: Optional[epath.Path]) -> Mapping[str, tuple[Sequence[Item], Callable]]:
     raise NotImplementedError
 
+  def build_options(self) -> dict[str, Any]:
+    """The options that decide the examples, recorded in the build summary: a complete build made with other options
+    is refused rather than reused. Builders without any ({}) are reused whatever they were asked."""
+    return {}
+
+  def _check_reusable(self, path: epath.Path, summary: Mapping[str, Any]) -> None:
+    recorded = summary.get("options")
+    wanted = json.loads(json.dumps(self.build_options()))  # as read back from JSON: tuples become lists
+    if recorded is None or recorded == wanted:
+      return  # built before options were recorded, or the same build
+    differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    raise DatasetError(f"{path} was built with " + ", ".join(f"{k}={recorded.get(k)}" for k in differ) + "; this "
+                       "build asks for " + ", ".join(f"{k}={wanted.get(k)}" for k in differ) + ". Pass --overwrite "
+                       "to rebuild it, or another --data_dir.")
+
   def record_skipped(self, source: str, split: str, reason: str) -> None:
     """Notes, while planning, an audio file that is not there (reason MISSING) or refused: it is skipped and listed
     in the manifest."""
@@ -293,6 +308,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     path = epath.Path(self.data_path)
     if is_complete(path) and not overwrite:
       summary = json.loads((path / BUILD_SUMMARY_FILE).read_text())
+      self._check_reusable(path, summary)
       summary["reused"] = True
       return summary
     # Every check of the raw data runs before anything is written.
@@ -339,6 +355,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "manifest": os.fspath(path / SKIPPED_FILES_FILE),
         "seconds": round(seconds, 2),
         "clips_per_second": round((total + len(skipped)) / max(seconds, 1e-9), 2),
+        "options": self.build_options(),
     }
     write_json_atomic(path / BUILD_SUMMARY_FILE, summary)
     if self.skip_log.directory.exists():

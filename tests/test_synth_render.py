@@ -6,6 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import fixtures_data
+from data_prep import build
 from data_prep.synth_instruments import augmentations, render
 from flaxtag import input_pipeline
 from flaxtag.errors import DatasetError
@@ -162,3 +163,15 @@ def test_held_out_soundfont_build_has_the_same_pieces(tmp_path):
     np.testing.assert_array_equal(fine, b[key][1])
     np.testing.assert_array_equal(coarse, b[key][2])
     assert not np.array_equal(pcm, b[key][0])  # the same piece, another timbre
+
+
+def test_a_build_with_other_options_is_not_reused(tmp_path):
+  _needs_fluidsynth()
+  sizes = {"num_train": 1, "num_valid": 1, "num_test": 1, "seed": 2, "clip_seconds": 0.5, "num_workers": 1}
+  assert not build.build("synth_instruments", tmp_path, **sizes).get("reused")
+  assert build.build("synth_instruments", tmp_path, **sizes).get("reused")
+  with pytest.raises(DatasetError, match=r"was built with augment=True; this build asks for augment=False\. Pass "
+                                         r"--overwrite"):
+    build.build("synth_instruments", tmp_path, augment=False, **sizes)
+  summary = build.build("synth_instruments", tmp_path, augment=False, overwrite=True, **sizes)
+  assert not summary.get("reused") and summary["options"]["augment"] is False

@@ -69,6 +69,10 @@ class SynthInstruments(common.Builder):
             soundfonts=[os.path.basename(p) for p in self._soundfonts], augment=self._augment),
     )
 
+  def build_options(self):
+    return {"sizes": self._sizes, "seed": self._seed, "clip_seconds": self._seconds,
+            "soundfonts": [os.path.basename(p) for p in self._soundfonts], "augment": self._augment}
+
   def _split_items(self, manual_dir: Optional[epath.Path]):
     del manual_dir  # nothing to download
     try:
