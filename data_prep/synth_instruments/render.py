@@ -29,6 +29,8 @@ RENDER_RATE = 32000
 MAX_INSTRUMENTS = 5
 HIERARCHY_PATH = os.path.join(os.path.dirname(__file__), "hierarchy.json")
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+# Where distributions install SoundFonts: Debian/Ubuntu, then Arch/Fedora.
+SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts")
 # Streams of random numbers of a clip besides its plan: appended to (seed, split, index).
 SOUNDFONT_STREAM, PART_STREAM, MIX_STREAM = 1, 2, 3
 
@@ -243,6 +245,15 @@ def part_soundfonts(seed: int, split: str, index: int, num_parts: int, soundfont
 def default_soundfont() -> str:
   import pretty_midi  # pylint: disable=g-import-not-at-top
   return os.path.join(os.path.dirname(pretty_midi.__file__), "TimGM6mb.sf2")
+
+
+def find_soundfont(filename: str) -> Optional[str]:
+  """The path of an installed SoundFont (e.g. 'sf_GMbank.sf2' of Debian's csound-soundfont), or None."""
+  for directory in SOUNDFONT_DIRS:
+    path = os.path.join(directory, filename)
+    if os.path.isfile(path):
+      return path
+  return None
 
 
 def render_part(notes, program: int, seconds: float, soundfont: str,
