@@ -3,7 +3,7 @@ r"""Builds a flaxtag dataset: python -m data_prep.build NAME[/CONFIG] --data_dir
   python -m data_prep.build mtat --manual_dir ~/raw/mtat --data_dir ~/data           # mtat/top50_clean
   python -m data_prep.build mtat/top50_full --manual_dir ~/raw/mtat --data_dir ~/data
   python -m data_prep.build msd --manual_dir ~/raw/msd --data_dir ~/data --beam --num_workers 8
-  python -m data_prep.build synth_instruments --data_dir ~/data [--num_train 2000 --soundfont my.sf2]
+  python -m data_prep.build synth_instruments --data_dir ~/data [--num_train 2000 --soundfont a.sf2,b.sf2]
   python -m data_prep.build mtg_jamendo/genre --manual_dir ~/raw/jamendo --data_dir ~/data [--split 2 --max_seconds 30]
   python -m data_prep.build folder/my_songs --manual_dir ~/my_songs --data_dir ~/data [--labels tags.csv]
 
@@ -35,7 +35,6 @@ BUILDER_ARGS = {
     "num_test": "test clips (synthetic sets) / first ids of the test list (msd; default: all)",
     "seed": "seed of a synthetic set",
     "clip_seconds": "clip length of a synthetic set, in seconds",
-    "soundfont": "SoundFont (.sf2) for synth_instruments (default: pretty_midi's TimGM6mb.sf2)",
     "split": "mtg_jamendo: which of the dataset's five official splits, 0-4 (default 0)",
     "max_tracks": "mtg_jamendo: build only N tracks in all, always the same N (those with the smallest sha256 of "
                   "TRACK_ID), each in its official split (default: all)",
@@ -45,6 +44,9 @@ BUILDER_ARGS = {
     "valid_fraction": "folder, without a 'split' column: share of rows drawn for valid (default 0.1)",
     "test_fraction": "folder, without a 'split' column: share of rows drawn for test (default 0.1)",
     "split_seed": "folder, without a 'split' column: seed of the random split (default 0)",
+    "soundfont": "SoundFont(s) (.sf2) for synth_instruments, comma-separated: each part of a clip is rendered with one "
+                 "drawn from them (default: pretty_midi's TimGM6mb.sf2)",
+    "augment": "synth_instruments: detune, equalise and level each part, add a room and noise (default: true)",
 }
 
 
@@ -101,6 +103,7 @@ def define_flags() -> None:
   flags.DEFINE_float("valid_fraction", None, BUILDER_ARGS["valid_fraction"])
   flags.DEFINE_float("test_fraction", None, BUILDER_ARGS["test_fraction"])
   flags.DEFINE_integer("split_seed", None, BUILDER_ARGS["split_seed"])
+  flags.DEFINE_bool("augment", None, BUILDER_ARGS["augment"])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -284,6 +284,21 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_items(self, manual_dir: Optional[epath.Path]) -> Mapping[str, tuple[Sequence[Item], Callable]]:
     raise NotImplementedError
 
+  def build_options(self) -> dict[str, Any]:
+    """The options that decide the examples, recorded in the build summary: a complete build made with other options
+    is refused rather than reused. Builders without any ({}) are reused whatever they were asked."""
+    return {}
+
+  def _check_reusable(self, path: epath.Path, summary: Mapping[str, Any]) -> None:
+    recorded = summary.get("options")
+    wanted = json.loads(json.dumps(self.build_options()))  # as read back from JSON: tuples become lists
+    if recorded is None or recorded == wanted:
+      return  # built before options were recorded, or the same build
+    differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    raise DatasetError(f"{path} was built with " + ", ".join(f"{k}={recorded.get(k)}" for k in differ) + "; this "
+                       "build asks for " + ", ".join(f"{k}={wanted.get(k)}" for k in differ) + ". Pass --overwrite "
+                       "to rebuild it, or another --data_dir.")
+
   def record_skipped(self, source: str, split: str, reason: str) -> None:
     """Notes, while planning, an audio file that is not there (reason MISSING) or refused: it is skipped and listed
     in the manifest."""
@@ -305,11 +320,6 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """JSON files to write beside the dataset, name → content."""
     return {}
 
-  def build_options(self) -> dict[str, Any]:
-    """The options that shape this build (JSON values), kept in the build summary: a complete dataset built with
-    other options is not silently reused."""
-    return {}
-
   def prepare(self, manual_dir: Optional[epath.PathLike] = None, overwrite: bool = False,
               beam_options: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Builds the dataset unless a complete one is there; returns the build summary.
@@ -319,11 +329,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     path = epath.Path(self.data_path)
     if is_complete(path) and not overwrite:
       summary = json.loads((path / BUILD_SUMMARY_FILE).read_text())
-      built, asked = summary.get("options", {}), self.build_options()
-      changed = [k for k in sorted(set(built) | set(asked)) if built.get(k) != asked.get(k)]
-      if changed:
-        raise DatasetError(f"{path} was built with {', '.join(f'{k}={built.get(k)!r}' for k in changed)}, not "
-                           f"{', '.join(f'{k}={asked.get(k)!r}' for k in changed)}; add --overwrite to rebuild it.")
+      self._check_reusable(path, summary)
       summary["reused"] = True
       return summary
     # Every check of the raw data runs before anything is written.
@@ -369,9 +375,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "total_examples": total,
         "skipped": len(skipped),
         "manifest": os.fspath(path / SKIPPED_FILES_FILE),
-        "options": self.build_options(),
         "seconds": round(seconds, 2),
         "clips_per_second": round((total + len(skipped)) / max(seconds, 1e-9), 2),
+        "options": self.build_options(),
     }
     write_json_atomic(path / BUILD_SUMMARY_FILE, summary)
     if self.skip_log.directory.exists():

@@ -1,13 +1,16 @@
 """`make demo`: the whole workflow on the synthetic multi-instrument set, on whatever devices this machine has.
 
-Builds the dataset, trains Spec+Att with the GMP hierarchical head, evaluates the best checkpoint on the test split,
-tags a newly rendered clip, and draws the attention heat maps, printing where each result is. Every step reuses
-what a previous run left in demo_out/ (a complete dataset, a finished or interrupted training run).
+Builds the dataset (TimGM6mb and csound's General-MIDI bank, augmented), trains Spec+Att with the GMP hierarchical
+head, evaluates the best checkpoint on the test split, then on the same test pieces rendered with a SoundFont it
+never heard (FluidR3_GM, held out: never trained on, no setting chosen on it), tags a newly rendered clip, and draws
+the attention heat maps, printing where each result is. Every step reuses what a previous run left in demo_out/ (a
+complete dataset, a finished or interrupted training run).
 
   python -m flaxtag.demo [--out demo_out] [--num_train 1000 ...] [--config.train.num_epochs=...]
 """
 import json
 import os
+from typing import Optional
 
 from absl import flags
 import jax
@@ -21,39 +24,97 @@ from flaxtag import eval as evaluation
 from flaxtag.inference import Tagger
 
 DEMO_SEED = 2023  # a seed the dataset does not use: the tagged clip is new to the model
+# Training may use these two only (Debian packages timgm6mb-soundfont, here pretty_midi's copy, and csound-soundfont).
+CSOUND_BANK = "sf_GMbank.sf2"
+# For measuring only (fluid-soundfont-gm): never train on it or choose a setting on it. Neither on MuseScore's.
+HELD_OUT_SOUNDFONT = "FluidR3_GM.sf2"
 
 
 def step(title: str):
   print(f"\n== {title}", flush=True)
 
 
+def training_soundfonts() -> list[str]:
+  """TimGM6mb, and csound's General-MIDI bank when it is installed (with a note when it is not)."""
+  csound = render.find_soundfont(CSOUND_BANK)
+  if csound is None:
+    print(f"note: {CSOUND_BANK} (apt-get install csound-soundfont) is not installed; the dataset is rendered with "
+          f"TimGM6mb alone, so the model learns one SoundFont's samples")
+    return [render.default_soundfont()]
+  return [render.default_soundfont(), csound]
+
+
+def _save(result: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1, default=float)
+  print(f"report: {path}")
+
+
+def evaluate_held_out(workdir: str, out: str, sizes: dict) -> Optional[dict]:
+  """The best checkpoint on the test pieces rendered with the held-out SoundFont; None (with a note) without it.
+
+  The held-out build has the same flags as the dataset's but for the SoundFont list, so its test split has the same
+  notes, instruments, labels and augmentations (each drawn from a stream of its own, see render.py): only the
+  SoundFont differs. Its train and valid splits are one clip each, never used.
+  """
+  soundfont = render.find_soundfont(HELD_OUT_SOUNDFONT)
+  if soundfont is None:
+    print(f"note: skipped: {HELD_OUT_SOUNDFONT} (apt-get install fluid-soundfont-gm) is not installed")
+    return None
+  data_dir = os.path.join(out, "data_heldout")
+  summary = build.build("synth_instruments", data_dir, num_workers=os.cpu_count() or 1, num_train=1, num_valid=1,
+                        num_test=sizes["num_test"], soundfont=[soundfont], augment=True)
+  print(("reused " if summary.get("reused") else "built ") + summary["path"])
+  result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test", data_dir=data_dir)
+  print(evaluation.format_report(result, per_tag=False))
+  _save(result, os.path.join(out, "test_report_heldout.json"))
+  return result
+
+
+def compare(in_domain: dict, held_out: dict) -> str:
+  """A table of macro scores: the test split as trained (in-domain) and with the held-out SoundFont."""
+  lines = [f"{'test pieces rendered with':<36}{'fine ROC-AUC':>13}{'PR-AUC':>8}{'coarse ROC-AUC':>16}{'PR-AUC':>8}"]
+  rows = (("the training SoundFonts (in-domain)", in_domain), (f"{HELD_OUT_SOUNDFONT} (held out)", held_out))
+  for name, result in rows:
+    fine, coarse = result["fine"], result["coarse"]
+    lines.append(f"{name:<36}{fine['macro_roc_auc']:>13.4f}{fine['macro_pr_auc']:>8.4f}"
+                 f"{coarse['macro_roc_auc']:>16.4f}{coarse['macro_pr_auc']:>8.4f}")
+  return "\n".join(lines)
+
+
 def run(config, out: str, sizes: dict) -> None:
-  step(f"1/5 dataset: synth_instruments ({sizes['num_train']} / {sizes['num_valid']} / {sizes['num_test']} clips)")
-  summary = build.build("synth_instruments", config.data.data_dir, num_workers=os.cpu_count() or 1, **sizes)
+  step(f"1/6 dataset: synth_instruments ({sizes['num_train']} / {sizes['num_valid']} / {sizes['num_test']} clips)")
+  soundfonts = training_soundfonts()
+  print(f"SoundFonts: {', '.join(os.path.basename(p) for p in soundfonts)}; augmented")
+  summary = build.build("synth_instruments", config.data.data_dir, num_workers=os.cpu_count() or 1,
+                        soundfont=soundfonts, augment=True, **sizes)
   print(("reused " if summary.get("reused") else "built ") + summary["path"])
 
   workdir = os.path.join(out, "run")
-  step(f"2/5 train: Spec+Att, {config.model.head} head, {jax.device_count()} {jax.devices()[0].platform} devices "
+  step(f"2/6 train: Spec+Att, {config.model.head} head, {jax.device_count()} {jax.devices()[0].platform} devices "
        f"→ {workdir}")
   train.train_and_evaluate(config, workdir)
 
-  step("3/5 evaluate the best checkpoint on the test split")
+  step("3/6 evaluate the best checkpoint on the test split")
   result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test")
   print(evaluation.format_report(result, per_tag=False))
   report_path = os.path.join(out, "test_report.json")
-  with open(report_path, "w") as f:
-    json.dump(result, f, indent=1, default=float)
-  print(f"report: {report_path}")
+  _save(result, report_path)
 
-  step("4/5 tag a clip the model has never heard")
-  waveform, playing = render.render_clip(DEMO_SEED, "test", 0, seconds=10.0)
+  step(f"4/6 the same test pieces rendered with a SoundFont the model never heard ({HELD_OUT_SOUNDFONT})")
+  held_out = evaluate_held_out(workdir, out, sizes)
+  if held_out is not None:
+    print(compare(result, held_out))
+
+  step("5/6 tag a clip the model has never heard")
+  waveform, playing = render.render_clip(DEMO_SEED, "test", 0, seconds=10.0, soundfonts=soundfonts)
   clip_path = os.path.join(out, "new_clip.wav")
   soundfile.write(clip_path, waveform, audio.SAMPLE_RATE)
   tagger = Tagger.load(workdir)
   tag.tag_paths(tagger, [clip_path], top_k=len(playing) + 3)
   print(f"really playing: {', '.join(sorted(playing))}")
 
-  step("5/5 explain: attention heat maps")
+  step("6/6 explain: attention heat maps")
   figures = os.path.join(out, "figures")
   explanation = explain.explain(tagger, tagger.load_clip(clip_path))
   for path in explain.save(explanation, figures, "new_clip", title="demo clip"):

@@ -102,10 +102,14 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_study(base_config, out: str, variants, seeds, sizes: dict) -> list[dict]:
-  """Trains and tests every (variant, seed) not yet in `<out>/results.jsonl`; returns all results."""
+def run_study(base_config, out: str, variants, seeds, data_options: dict) -> list[dict]:
+  """Trains and tests every (variant, seed) not yet in `<out>/results.jsonl`; returns all results.
+
+  `data_options` are synth_instruments' build options (sizes, augment, ...): the set is built if missing.
+  """
   configs = {(v, s): variant_config(base_config, v, s) for s in seeds for v in variants}  # a bad name fails here
-  summary = build.build("synth_instruments", base_config.data.data_dir, num_workers=os.cpu_count() or 1, **sizes)
+  summary = build.build("synth_instruments", base_config.data.data_dir, num_workers=os.cpu_count() or 1,
+                        **data_options)
   print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
   results_path = os.path.join(out, "results.jsonl")
   done = {(r["variant"], r["seed"]) for r in read_results(results_path)}
@@ -151,8 +155,10 @@ def main(argv):
   seeds = [int(s) for s in f.seeds]
   variants = f.variants or list(VARIANTS)
   os.makedirs(f.out, exist_ok=True)
+  # The clips of RESULTS.md: the demo's before it had several SoundFonts and augmentations (TimGM6mb alone, not
+  # augmented: exactly what synth_instruments 1.0.0 rendered).
   results = run_study(config, f.out, variants, seeds,
-                      {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test})
+                      {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test, "augment": False})
   path = write_tables(results, f.out, config)
   with open(path) as table:
     print("\n" + table.read())
@@ -163,7 +169,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "study.py"),
                                   "Config shared by every run of the study.", lock_config=True)
   flags.DEFINE_string("out", "study_out", "Where the runs, results.jsonl and results.md go.")
-  flags.DEFINE_string("data_dir", "demo_out/data", "The synthetic set: the demo's (built here if missing).")
+  flags.DEFINE_string("data_dir", "study_out/data",
+                      "The synthetic set: the demo's clips as RESULTS.md measured them (built here if missing).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each variant trains once per seed.")
   flags.DEFINE_list("variants", [], f"Variants to run (default all): {', '.join(VARIANTS)}.")
   flags.DEFINE_integer("num_train", 1000, "Training clips of the synthetic set, if it is built here.")

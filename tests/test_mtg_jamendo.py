@@ -193,5 +193,5 @@ def test_missing_metadata_and_bad_options_stop_the_build(tree, built, tmp_path):
     fixtures_data.build_dataset("mtg_jamendo", root, tmp_path, max_seconds=0)
   assert not list(tmp_path.iterdir())
   # A complete build is reused only for the same options.
-  with pytest.raises(DatasetError, match="was built with max_tracks=60, not max_tracks=59; add --overwrite"):
+  with pytest.raises(DatasetError, match="was built with max_tracks=60; this build asks for max_tracks=59. Pass --overwrite"):
     fixtures_data.build_dataset("mtg_jamendo", root, built, max_tracks=59)

@@ -63,7 +63,7 @@ def test_study_trains_tests_and_resumes(synth_data_dir, tmp_path):
   and a rerun adds nothing. Its run validates every 2nd epoch (as the study's config does every 3rd) and the last."""
   from flaxtag import checkpoint, eval as evaluation  # pylint: disable=g-import-not-at-top
   config = train_runs.run_config(synth_data_dir, **{"train.eval_every_epochs": 2})
-  sizes = {"num_train": 16, "num_valid": 8, "num_test": 8}
+  sizes = {"num_train": 16, "num_valid": 8, "num_test": 8, "clip_seconds": 5.0, "seed": 1}  # synth_data_dir's
   results = study.run_study(config, str(tmp_path), ["top_down"], [3], sizes)
   assert [(r["variant"], r["seed"]) for r in results] == [("top_down", 3)]
   workdir = tmp_path / "runs" / "top_down" / "seed_3"

@@ -2,19 +2,25 @@
 
 A clip is a short piece in one key and tempo over a repeating 4-chord progression. Each of its 1–5 instruments
 plays a part typical of it (bass line, chords, arpeggios, melody or sustained pad) in its natural register for the
-whole clip, so that every crop hears every labelled instrument. Parts are rendered one by one, normalised to equal
-loudness, and mixed at levels 0 to -6 dB: nothing is buried. Everything is drawn from
-`np.random.default_rng([seed, split, index])`, so a clip depends on nothing else (not on the worker that renders
-it: the synthesizer is reset before every part).
+whole clip, so that every crop hears every labelled instrument. Parts are rendered one by one, each with a SoundFont
+drawn from a list, normalised to equal loudness, and mixed at levels 0 to -6 dB: nothing is buried. Augmentations
+(augmentations.py) then vary what recordings vary: tuning, equalisation and level per part, room and noise per clip.
+
+A clip depends on (seed, split, index) alone, not on the worker that renders it (the synthesizer is reset before
+every part). Its notes come from `np.random.default_rng([seed, split, index])`; the SoundFont of each part and the
+augmentations come from generators of their own (that key plus a stream number), so that changing the SoundFont
+list or turning augmentation off changes no note, and the same augmentations are drawn whatever the SoundFonts.
 """
 import dataclasses
 import functools
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import soxr
+
+from data_prep.synth_instruments import augmentations
 
 SAMPLE_RATE = 16000
 # FluidSynth does not band-limit when it resamples instrument samples, so we render at twice the rate and let soxr
@@ -23,6 +29,10 @@ RENDER_RATE = 32000
 MAX_INSTRUMENTS = 5
 HIERARCHY_PATH = os.path.join(os.path.dirname(__file__), "hierarchy.json")
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+# Where distributions install SoundFonts: Debian/Ubuntu, then Arch/Fedora.
+SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts")
+# Streams of random numbers of a clip besides its plan: appended to (seed, split, index).
+SOUNDFONT_STREAM, PART_STREAM, MIX_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,13 +232,33 @@ def _synth_class():
   return FloatSynth
 
 
+def _stream(seed: int, split: str, index: int, *stream: int) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLIT_CODES[split], index, *stream])
+
+
+def part_soundfonts(seed: int, split: str, index: int, num_parts: int, soundfonts: Sequence[str]) -> list[str]:
+  """The SoundFont each part of clip `index` of `split` is rendered with, drawn uniformly from `soundfonts`."""
+  draws = _stream(seed, split, index, SOUNDFONT_STREAM).integers(len(soundfonts), size=num_parts)
+  return [soundfonts[i] for i in draws]
+
+
 def default_soundfont() -> str:
   import pretty_midi  # pylint: disable=g-import-not-at-top
   return os.path.join(os.path.dirname(pretty_midi.__file__), "TimGM6mb.sf2")
 
 
-def render_part(notes, program: int, seconds: float, soundfont: str) -> np.ndarray:
-  """One part at RENDER_RATE, exactly `seconds` long."""
+def find_soundfont(filename: str) -> Optional[str]:
+  """The path of an installed SoundFont (e.g. 'sf_GMbank.sf2' of Debian's csound-soundfont), or None."""
+  for directory in SOUNDFONT_DIRS:
+    path = os.path.join(directory, filename)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def render_part(notes, program: int, seconds: float, soundfont: str,
+                pitch_bends: Sequence[tuple[float, int]] = ()) -> np.ndarray:
+  """One part at RENDER_RATE, exactly `seconds` long; `pitch_bends` are (time, MIDI pitch-bend value) messages."""
   import pretty_midi  # pylint: disable=g-import-not-at-top
   # A fresh synthesizer per part: one that has played keeps state (effect tails, voice filters, 64-frame block
   # phase) that would make a part depend on what was rendered before it. Loading samples on demand makes it cheap
@@ -241,6 +271,7 @@ def render_part(notes, program: int, seconds: float, soundfont: str) -> np.ndarr
       raise RuntimeError(f"FluidSynth cannot load the SoundFont {soundfont}")
     instrument = pretty_midi.Instrument(program=program)
     instrument.notes = [pretty_midi.Note(velocity=v, pitch=p, start=s, end=e) for s, e, p, v in notes]
+    instrument.pitch_bends = [pretty_midi.PitchBend(pitch=v, time=t) for t, v in pitch_bends]
     y = instrument.fluidsynth(fs=RENDER_RATE, synthesizer=synth, sfid=sfid)
   finally:
     synth.delete()
@@ -248,19 +279,34 @@ def render_part(notes, program: int, seconds: float, soundfont: str) -> np.ndarr
   return np.pad(y[:n], (0, max(0, n - len(y))))
 
 
-def render_clip(seed: int, split: str, index: int, seconds: float = 10.0,
-                soundfont: Optional[str] = None) -> tuple[np.ndarray, list[str]]:
-  """(16 kHz mono float32 waveform, instruments playing in it) of clip `index` of `split`."""
-  soundfont = soundfont or default_soundfont()
+def render_clip(seed: int, split: str, index: int, seconds: float = 10.0, soundfonts: Optional[Sequence[str]] = None,
+                augment: bool = True) -> tuple[np.ndarray, list[str]]:
+  """(16 kHz mono float32 waveform, instruments playing in it) of clip `index` of `split`.
+
+  Each part is rendered with a SoundFont drawn from `soundfonts` (default: pretty_midi's TimGM6mb.sf2); `augment`
+  detunes, equalises and levels each part and adds a room and noise to the mix.
+  """
+  soundfonts = list(soundfonts or [default_soundfont()])
   plan, rng = plan_clip(seed, split, index)
+  chosen = part_soundfonts(seed, split, index, len(plan.parts), soundfonts)
   mix = np.zeros(int(round(seconds * RENDER_RATE)))
-  for part in plan.parts:
-    y = render_part(part_notes(plan, part, seconds, rng), INSTRUMENTS[part.name].program, seconds, soundfont)
+  for k, (part, soundfont) in enumerate(zip(plan.parts, chosen)):
+    notes = part_notes(plan, part, seconds, rng)
+    part_rng = _stream(seed, split, index, PART_STREAM, k)
+    program = INSTRUMENTS[part.name].program
+    y = render_part(notes, program, seconds, soundfont,
+                    augmentations.pitch_bends(seconds, part_rng) if augment else ())
+    if augment:
+      y = augmentations.equalize(y, part_rng, RENDER_RATE)
     rms = np.sqrt(np.mean(y**2))
     if rms < 1e-6:
-      raise RuntimeError(f"{part.name} (program {INSTRUMENTS[part.name].program}) renders silent with {soundfont}")
-    mix += y * (10 ** (part.gain_db / 20) / rms)
+      raise RuntimeError(f"{part.name} (program {program}) renders silent with {soundfont}")
+    y = y * (10 ** (part.gain_db / 20) / rms)
+    mix += augmentations.change_level(y, part_rng) if augment else y
   x = soxr.resample(mix, RENDER_RATE, SAMPLE_RATE, quality="VHQ") if RENDER_RATE != SAMPLE_RATE else mix
+  if augment:
+    mix_rng = _stream(seed, split, index, MIX_STREAM)
+    x = augmentations.add_noise(augmentations.reverberate(x, mix_rng, SAMPLE_RATE), mix_rng, SAMPLE_RATE)
   x *= 0.1 / max(np.sqrt(np.mean(x**2)), 1e-9)  # -20 dBFS RMS
-  x *= min(1.0, 0.95 / max(np.abs(x).max(), 1e-9))
+  x *= min(1.0, 0.95 / max(np.abs(x).max(), 1e-9))  # and peaks within int16 range
   return x.astype(np.float32), plan.instruments

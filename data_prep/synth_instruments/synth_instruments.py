@@ -1,10 +1,11 @@
 """Synthetic hierarchical instrument tagging (SPEC §6): fine labels are instruments, coarse labels their families.
 
-Clips are rendered from generated General-MIDI parts (see render.py); nothing is downloaded. Every clip follows from
-(seed, split, index), so a build is reproducible whatever the number of worker processes.
+Clips are rendered from generated General-MIDI parts (see render.py), each part with a SoundFont drawn from a list,
+then augmented (augmentations.py); nothing is downloaded. Every clip follows from (seed, split, index), so a build is
+reproducible whatever the number of worker processes.
 """
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -20,8 +21,8 @@ HOW_TO_GET = ("synth_instruments needs the 'synth' extra and the FluidSynth libr
 
 
 def _example(item: common.Item) -> dict:
-  seed, split, index, seconds, soundfont = item.payload
-  waveform, instruments = render.render_clip(seed, split, index, seconds, soundfont)
+  seed, split, index, seconds, soundfonts, augment = item.payload
+  waveform, instruments = render.render_clip(seed, split, index, seconds, soundfonts, augment)
   fine = np.array([t in instruments for t in render.fine_tags()], common.LABEL_DTYPE)
   coarse = np.array([any(t in instruments for t in children) for children in render.hierarchy().values()],
                     common.LABEL_DTYPE)
@@ -31,16 +32,25 @@ def _example(item: common.Item) -> dict:
 class SynthInstruments(common.Builder):
   """1–5 General-MIDI instruments per clip, 16 kHz mono int16, instrument and family labels."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First flaxtag release: 25 instruments in 8 families."}
-  BUILD_ARGS = ("num_train", "num_valid", "num_test", "seed", "clip_seconds", "soundfont")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First flaxtag release: 25 instruments in 8 families.",
+      "1.1.0": "Several SoundFonts (one drawn per part); augmentations: detuning and vibrato, equalisation and level "
+               "per part, room reverb and noise per clip. The same seed gives the same notes and labels as 1.0.0.",
+  }
+  BUILD_ARGS = ("num_train", "num_valid", "num_test", "seed", "clip_seconds", "soundfont", "augment")
 
   def __init__(self, *, num_train: int = 2000, num_valid: int = 300, num_test: int = 300, seed: int = 0,
-               clip_seconds: float = 10.0, soundfont: Optional[str] = None, **kwargs):
+               clip_seconds: float = 10.0, soundfont: Union[str, Sequence[str], None] = None, augment: bool = True,
+               **kwargs):
+    """`soundfont`: one .sf2 path, several (a list, or one string separated by commas), or None for TimGM6mb."""
     self._sizes = {"train": num_train, "valid": num_valid, "test": num_test}
     self._seed = seed
     self._seconds = clip_seconds
-    self._soundfont = soundfont
+    paths = soundfont.split(",") if isinstance(soundfont, str) else soundfont or []
+    self._soundfonts = ([os.path.abspath(os.path.expanduser(p.strip())) for p in paths if p.strip()]
+                        or [render.default_soundfont()])
+    self._augment = augment
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -56,8 +66,12 @@ class SynthInstruments(common.Builder):
         }),
         metadata=tfds.core.MetadataDict(
             tags=fine, coarse_tags=list(mapping), hierarchy=mapping, seed=self._seed, clip_seconds=self._seconds,
-            soundfont=os.path.basename(self._soundfont or render.default_soundfont())),
+            soundfonts=[os.path.basename(p) for p in self._soundfonts], augment=self._augment),
     )
+
+  def build_options(self):
+    return {"sizes": self._sizes, "seed": self._seed, "clip_seconds": self._seconds,
+            "soundfonts": [os.path.basename(p) for p in self._soundfonts], "augment": self._augment}
 
   def _split_items(self, manual_dir: Optional[epath.Path]):
     del manual_dir  # nothing to download
@@ -66,15 +80,16 @@ class SynthInstruments(common.Builder):
       import pretty_midi  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise DatasetError(f"{HOW_TO_GET} ({e})") from None
-    soundfont = os.path.abspath(self._soundfont) if self._soundfont else render.default_soundfont()
-    if not os.path.isfile(soundfont):
-      raise DatasetError(f"synth_instruments: the SoundFont {soundfont} does not exist; pass --soundfont PATH to an "
-                         f".sf2 file, or leave it out to use pretty_midi's TimGM6mb.sf2.")
+    for soundfont in self._soundfonts:
+      if not os.path.isfile(soundfont):
+        raise DatasetError(f"synth_instruments: the SoundFont {soundfont} does not exist; pass --soundfont "
+                           f"PATH[,PATH...] of .sf2 files, or leave it out to use pretty_midi's TimGM6mb.sf2.")
     if self._seconds <= 0 or min(self._sizes.values()) < 1:
       raise DatasetError(f"synth_instruments: clip_seconds and the split sizes must be positive, got "
                          f"{self._seconds} and {self._sizes}")
     return {
-        split: ([common.Item(f"{split}_{i:06d}", f"{split}/{i}", (self._seed, split, i, self._seconds, soundfont))
+        split: ([common.Item(f"{split}_{i:06d}", f"{split}/{i}",
+                             (self._seed, split, i, self._seconds, self._soundfonts, self._augment))
                  for i in range(n)], _example)
         for split, n in self._sizes.items()
     }
