@@ -27,6 +27,9 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   best = max(valid, key=lambda r: r["roc_auc"])["step"]
   assert checkpoint.resolve_step(manager, "best") == best
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
+  _, metadata = checkpoint.load_config(manager, 6)
+  assert metadata["data"] == {"name": "synth_instruments", "config": None, "version": "1.0.0",
+                              "splits": {"train": 16, "valid": 8}}  # what the run trained and selected on
 
 
 def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data_dir, sgd_run, tmp_path):
