@@ -1,7 +1,8 @@
 """Base config: method A's Spec+Att on MagnaTagATune (top-50, clean split), with the paper's recipe.
 
-One file per family of runs (mtat.py, msd.py, synth.py) imports this and takes an argument after a colon, big_vision
-style: a variant of the family and/or `runlocal`, which shrinks the run for a laptop. On the command line:
+One file per family of runs (mtat.py, msd.py, synth.py, mtat_instruments.py, jamendo_instruments.py) imports this
+and takes an argument after a colon, big_vision style: a variant of the family and/or `runlocal`, which shrinks the
+run for a laptop. On the command line:
   --config configs/mtat.py:raw_cnnl --config.model.conv_channels=8
   --config configs/synth.py:resatt,runlocal
 """
@@ -33,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_options = ml_collections.ConfigDict(dict(
       coarse_weight=1.0, hierarchy_loss_weight=1.0, resatt_base="direct", resatt_attention="softmax",
       resatt_input_dependent=False, resatt_masked=True, resatt_dim=64, resatt_lambda_init=1.0))
-  model.hierarchy_file = ""  # coarse → fine JSON/YAML; empty: the dataset's own (hierarchical sets)
+  model.hierarchy_file = ""  # coarse → fine JSON/YAML, over all or some dataset tags; empty: the dataset's own
   model.head_dropout = 0.5
   model.features = ml_collections.ConfigDict(dict(
       sample_rate=16000, n_fft=512, hop_length=256, n_mels=96, f_min=0.0, f_max=8000.0,
