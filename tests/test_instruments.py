@@ -128,6 +128,15 @@ def test_num_tags_must_be_the_number_of_fine_tags_of_the_file(mtat_instruments):
     train.setup(_run_config(mtat_instruments[0], **{"model.num_tags": 50}))
 
 
+def test_a_hierarchy_file_over_every_dataset_tag_keeps_the_dataset_order(mtat_instruments, tmp_path):
+  """As whole-dataset hierarchy files always have: the same model and the same labels as before subsets."""
+  path = tmp_path / "all.yaml"
+  path.write_text(json.dumps({"first": list(mtat.TOP50[25:]), "second": list(mtat.TOP50[:25])}))
+  run = train.setup(_run_config(mtat_instruments[0], **{"model.hierarchy_file": str(path), "model.num_tags": 50}))
+  assert run.tag_names == mtat.TOP50 and run.model.hierarchy.fine_tags == mtat.TOP50
+  np.testing.assert_array_equal(run.selection.columns, np.arange(50))
+
+
 @pytest.mark.slow
 def test_the_checkpoint_keeps_the_selected_tags_hierarchy_and_provenance(trained):
   manager = checkpoint.open_manager(trained, read_only=True)
