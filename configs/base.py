@@ -1,18 +1,24 @@
 """Base config: method A's Spec+Att on MagnaTagATune (top-50, clean split), with the paper's recipe.
 
-One file per family of runs (mtat.py, msd.py, synth.py) imports this and takes an argument after a colon, big_vision
-style: a variant of the family and/or `runlocal`, which shrinks the run for a laptop. On the command line:
+One file per family of runs (mtat.py, msd.py, synth.py, mtat_instruments.py, jamendo_instruments.py) imports this
+and takes an argument after a colon, big_vision style: a variant of the family and/or `runlocal`, which shrinks the
+run for a laptop. On the command line:
   --config configs/mtat.py:raw_cnnl --config.model.conv_channels=8
   --config configs/synth.py:resatt,runlocal
 """
+import pathlib
 from collections.abc import Collection
 
 import ml_collections
 
 from flaxtag import optim
 from flaxtag.errors import ConfigError
+from flaxtag.hierarchy import load_hierarchy
+from flaxtag.models import heads
 
 RUNLOCAL = "runlocal"
+# The shipped hierarchy files, found from this package so that configs work from any directory.
+HIERARCHIES = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "hierarchies"
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_options = ml_collections.ConfigDict(dict(
       coarse_weight=1.0, hierarchy_loss_weight=1.0, resatt_base="direct", resatt_attention="softmax",
       resatt_input_dependent=False, resatt_masked=True, resatt_dim=64, resatt_lambda_init=1.0))
-  model.hierarchy_file = ""  # coarse → fine JSON/YAML; empty: the dataset's own (hierarchical sets)
+  model.hierarchy_file = ""  # coarse → fine JSON/YAML, over all or some dataset tags; empty: the dataset's own
   model.head_dropout = 0.5
   model.features = ml_collections.ConfigDict(dict(
       sample_rate=16000, n_fft=512, hop_length=256, n_mels=96, f_min=0.0, f_max=8000.0,
@@ -73,6 +79,18 @@ def parse_arg(arg: str, variants: Collection[str], default: str) -> tuple[str, b
     raise ConfigError(f"bad config argument {arg!r}: valid variants are {list(variants)} (default {default!r}), "
                       f"optionally followed by ',{RUNLOCAL}' to shrink the run for a laptop")
   return (named[0] if named else default), RUNLOCAL in tokens
+
+
+def hierarchy_family(arg: str, dataset: str, file_name: str) -> ml_collections.ConfigDict:
+  """A family `HEAD[,runlocal]` (any head of flaxtag.models.heads, default GMP) training on `dataset` with the
+  shipped hierarchy file `file_name`, over some of the dataset's tags: model.num_tags follows the file."""
+  head, shrink = parse_arg(arg, heads.HEAD_NAMES, default=heads.GMP)
+  config = get_config()
+  config.data.name = dataset
+  config.model.head = head
+  config.model.hierarchy_file = str(HIERARCHIES / file_name)
+  config.model.num_tags = load_hierarchy(config.model.hierarchy_file).num_fine
+  return runlocal(config) if shrink else config
 
 
 def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

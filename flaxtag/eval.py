@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flaxtag import cli, input_pipeline, metrics, sharding
 from flaxtag.errors import DatasetError
-from flaxtag.hierarchy import Hierarchy
+from flaxtag.hierarchy import Hierarchy, LabelSelection
 from flaxtag.inference import Tagger
 from flaxtag.models.tagger import crop_samples
 from flaxtag.train_step import make_predict_step
@@ -61,12 +61,15 @@ def headline(result: dict) -> dict[str, float]:
 
 
 def evaluate_split(predict_step, variables, mesh, data_dir, dataset: str, split: str, batch_size: int,
-                   crop_len: int, tag_names, hierarchy: Hierarchy | None, num_clips: int, progress: bool = True
+                   crop_len: int, tag_names, hierarchy: Hierarchy | None, num_clips: int,
+                   selection: LabelSelection | None = None, progress: bool = True
                    ) -> tuple[dict, dict[str, np.ndarray]]:
   """The 16-crop evaluation of one split, shared by training's validation and `evaluate_checkpoint`: every process
-  reads its share of the clips in global batches of `batch_size`. Returns (report, predictions)."""
+  reads its share of the clips in global batches of `batch_size`, its labels through `selection` (see
+  `input_pipeline.label_selection`). Returns (report, predictions)."""
   local_batch = batch_size // jax.process_count()
-  batches = input_pipeline.eval_batches(data_dir, dataset, split=split, batch_size=local_batch, crop_len=crop_len)
+  batches = input_pipeline.eval_batches(data_dir, dataset, split=split, batch_size=local_batch, crop_len=crop_len,
+                                        selection=selection)
   num_batches = input_pipeline.num_eval_batches(num_clips, local_batch, jax.process_count())
   shown = progress and jax.process_index() == 0
   predictions = predict_split(predict_step, variables, batches, mesh, num_batches,
@@ -77,32 +80,37 @@ def evaluate_split(predict_step, variables, mesh, data_dir, dataset: str, split:
 def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=None, batch_size=None):
   """Loads a checkpoint read-only, runs the 16-crop evaluation of `split` over all local devices.
 
-  Returns (report, predictions, tagger). `data_dir` and the batch size default to the run's config.
+  The checkpoint's tags (all of the dataset's, or those of the hierarchy file it was trained with) are read from
+  the dataset's columns of the same names, every one of which must be there. Returns (report, predictions,
+  tagger). `data_dir` and the batch size default to the run's config.
   """
   tagger = Tagger.load(workdir, checkpoint_step)
   config = tagger.config
   data_dir = data_dir or config.data.data_dir
   info = input_pipeline.dataset_info(data_dir, config.data.name)
-  if list(info.tags) != tagger.tag_names:
-    raise DatasetError(f"{config.data.name} in {data_dir} has tags {list(info.tags)[:5]}..., but the checkpoint was "
-                       f"trained for {tagger.tag_names[:5]}...; evaluate on the dataset it was trained on.")
+  selection = input_pipeline.label_selection(info, tagger.tag_names, tagger.hierarchy,
+                                             source=f"the checkpoint of {workdir}")
   if split not in info.split_sizes:
     raise DatasetError(f"{config.data.name} has no split {split!r}; it has {sorted(info.split_sizes)}.")
   mesh = sharding.make_mesh()
   size = batch_size or config.train.eval_batch_size
   sharding.check_global_batch_size(size, mesh, "--batch_size")
   result, predictions = evaluate_split(make_predict_step(tagger.model, mesh), tagger.variables, mesh, data_dir,
-                                       config.data.name, split, size, crop_samples(tagger.model), info.tags,
-                                       tagger.model.hierarchy, info.split_sizes[split])
-  result.update(split=split, dataset=config.data.name, data_dir=str(data_dir), checkpoint_step=tagger.metadata["step"],
-                workdir=str(workdir))
+                                       config.data.name, split, size, crop_samples(tagger.model), tagger.tag_names,
+                                       tagger.model.hierarchy, info.split_sizes[split], selection)
+  result.update(split=split, dataset=config.data.name, data=info.describe(split), data_dir=str(data_dir),
+                checkpoint_step=tagger.metadata["step"], workdir=str(workdir))
   return result, predictions, tagger
 
 
 def format_report(result: dict, per_tag: bool = True) -> str:
-  """A readable console summary: macro scores per level, then per-tag scores (worst first)."""
-  lines = [f"{result['dataset']} / {result['split']}: {result['num_clips']} clips, checkpoint step "
+  """A readable console summary: the data, macro scores per level, then per-tag scores (worst first)."""
+  data = result["data"]
+  build = "/".join(filter(None, (data["name"], data["config"])))
+  lines = [f"{build} {data['version']}, split {result['split']}: {result['num_clips']} clips; checkpoint step "
            f"{result['checkpoint_step']} of {result['workdir']}"]
+  if "provenance" in data:
+    lines.append("dataset provenance: " + ", ".join(f"{k} {v}" for k, v in data["provenance"].items()))
   for level in ("fine", "coarse"):
     if level not in result:
       continue

@@ -6,10 +6,14 @@ Each fine tag has exactly one coarse parent. A hierarchy file maps every coarse 
 
 as JSON (`.json`) or YAML (`.yaml`, `.yml`). When the dataset's fine tag order is given, the hierarchy follows it, so
 that column i of the fine targets and fine tag i of the hierarchy are the same tag.
+
+A hierarchy file may also name only some of a dataset's tags: `LabelSelection` says which label columns such a run
+reads, and makes its coarse targets, OR'ing in a coarse tag that the dataset annotates itself (MTAT's `strings`).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -164,6 +168,52 @@ class Hierarchy:
   def to_json(self) -> str:
     """The mapping as JSON, a valid hierarchy file (e.g. to save beside a checkpoint)."""
     return json.dumps(self.to_mapping(), indent=2, ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelSelection:
+  """The dataset label columns a run trains and evaluates on, and how its coarse targets are made (SPEC §5).
+
+  The run's fine tags are some (or all) of the dataset's tags, in the run's order; every other tag of the dataset
+  is ignored. A coarse tag that is also a dataset tag is annotated directly: its target is the OR (max) of that
+  column and its children. Pure data, applied to each batch of labels by the input pipeline, in training and
+  evaluation alike.
+  """
+  tag_names: tuple[str, ...]
+  columns: np.ndarray  # (num_fine,) int32: the dataset column of each fine tag
+  hierarchy: Hierarchy | None  # over tag_names
+  direct_coarse: np.ndarray  # (num_coarse,) int32: the dataset column annotating each coarse tag; -1 where none
+
+  @classmethod
+  def create(cls, dataset_tags: Sequence[str], tag_names: Sequence[str], hierarchy: Hierarchy | None = None,
+             source: str = "hierarchy", dataset: str = "the dataset") -> LabelSelection:
+    """The selection of `tag_names` (the hierarchy's fine tags, when it has one) among `dataset_tags`.
+
+    Raises:
+      HierarchyError: a tag that is not a dataset tag, named with the closest dataset tags; `source` (a file) and
+        `dataset` (its name) say where.
+    """
+    dataset_tags, tag_names = tuple(dataset_tags), tuple(tag_names)
+    if hierarchy is not None and hierarchy.fine_tags != tag_names:
+      raise ValueError(f"the hierarchy's fine tags {hierarchy.fine_tags} are not the tags {tag_names}")
+    column = {t: j for j, t in enumerate(dataset_tags)}
+    unknown = [t for t in tag_names if t not in column]
+    if unknown:
+      close = difflib.get_close_matches(unknown[0], dataset_tags, n=3)
+      raise HierarchyError(
+          f"{source}: {unknown[0]!r} is not a tag of {dataset}"
+          + (f" (nor are {unknown[1:]})" if len(unknown) > 1 else "")
+          + (f"; closest: {', '.join(map(repr, close))}" if close else ""))
+    direct = [column.get(c, -1) for c in hierarchy.coarse_tags] if hierarchy else []
+    return cls(tag_names, np.array([column[t] for t in tag_names], np.int32), hierarchy, np.array(direct, np.int32))
+
+  def apply(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """`{'labels': (..., num_fine)[, 'coarse_labels': (..., num_coarse)]}` from the dataset's labels (..., T)."""
+    fine = labels[..., self.columns]
+    if self.hierarchy is None:
+      return {"labels": fine}
+    direct = np.where(self.direct_coarse >= 0, labels[..., np.maximum(self.direct_coarse, 0)], 0)
+    return {"labels": fine, "coarse_labels": self.hierarchy.coarse_targets(fine, direct)}
 
 
 def load_hierarchy(path: str | os.PathLike, fine_tags: Sequence[str] | None = None) -> Hierarchy:

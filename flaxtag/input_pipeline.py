@@ -11,6 +11,9 @@ timing, so a restored iterator state resumes exactly. Evaluation: 16 evenly spac
 shapes, a validity mask and the clip's index, the same number of batches on every process. Where crops start and
 how they are cut: `flaxtag.crops`.
 
+A run whose tags are not the dataset's own (a hierarchy file over some of its tags) reads the dataset's labels
+through a `LabelSelection`, applied to every batch, training and evaluation alike (`label_selection`).
+
 Batches are dicts of numpy arrays, this process's part of the global batch, ready for
 `jax.make_array_from_process_local_data`. Reading sets glibc's malloc thresholds for the process (see
 `_keep_freed_buffers`).
@@ -32,7 +35,7 @@ from etils import epath
 
 from flaxtag import audio, crops
 from flaxtag.errors import ConfigError, DatasetError
-from flaxtag.hierarchy import Hierarchy
+from flaxtag.hierarchy import Hierarchy, LabelSelection
 
 BUILD_SUMMARY_FILE = "build_summary.json"
 SKIPPED_FILES_FILE = "skipped_files.json"
@@ -49,6 +52,9 @@ class DatasetInfo:
   split_sizes: Mapping[str, int]
   hierarchy: Optional[Hierarchy] = None  # coarse tags and the parent of every fine tag, for hierarchical sets
   sample_rate: int = audio.SAMPLE_RATE
+  builder: str = ""  # '<name>[/<config>]' of the build, from its directory
+  version: str = ""
+  provenance: Optional[Mapping[str, Any]] = None  # the builder's metadata["provenance"] (official split, ...)
 
   @property
   def num_tags(self) -> int:
@@ -57,6 +63,16 @@ class DatasetInfo:
   @property
   def coarse_tags(self) -> tuple[str, ...]:
     return self.hierarchy.coarse_tags if self.hierarchy else ()
+
+  def describe(self, *splits: str) -> dict[str, Any]:
+    """Which data a result comes from, for checkpoints and reports: the dataset's name, config and version, the
+    clips of each of `splits`, and the builder's provenance (copied as it is) where it has one."""
+    name, _, config = self.builder.partition("/")
+    described = {"name": name, "config": config or None, "version": self.version,
+                 "splits": {split: self.split_sizes[split] for split in splits}}
+    if self.provenance:
+      described["provenance"] = dict(self.provenance)
+    return described
 
 
 def _build_hint(name: str, data_dir) -> str:
@@ -104,7 +120,20 @@ def dataset_info(data_dir, name: str) -> DatasetInfo:
   if metadata.get("hierarchy"):
     hierarchy = Hierarchy.from_mapping(metadata["hierarchy"], fine_tags=tags, source=f"{path} metadata")
   sizes = {split: info.splits[split].num_examples for split in info.splits}
-  return DatasetInfo(name=name, path=str(path), tags=tags, split_sizes=sizes, hierarchy=hierarchy)
+  return DatasetInfo(name=name, path=str(path), tags=tags, split_sizes=sizes, hierarchy=hierarchy,
+                     builder=str(path.parent.relative_to(epath.Path(data_dir))), version=path.name,
+                     provenance=metadata.get("provenance"))
+
+
+def label_selection(info: DatasetInfo, tag_names, hierarchy: Optional[Hierarchy],
+                    source: str = "hierarchy") -> Optional[LabelSelection]:
+  """How a run with fine tags `tag_names` and `hierarchy` reads the labels of `info`'s dataset: None where they are
+  the dataset's own (all its tags in its order, with its own hierarchy or none), read as stored, coarse labels
+  included; else a `LabelSelection` (see it for the errors).
+  """
+  if tuple(tag_names) == info.tags and (hierarchy is None or hierarchy == info.hierarchy):
+    return None
+  return LabelSelection.create(info.tags, tag_names, hierarchy, source=source, dataset=info.name)
 
 
 def epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
@@ -250,8 +279,9 @@ class _TrainBatches:
 
   def __init__(self, reader: _Reader, num_records: int, num_steps: int, batch_size: int, crop_len: int,
                label_shapes: Mapping[str, int], seed: int, process_index: int, process_count: int,
-               audio_dtype=np.float32):
+               audio_dtype=np.float32, selection: Optional[LabelSelection] = None):
     self._reader = reader
+    self._selection = selection
     self._audio_dtype = audio_dtype
     self._num_records = num_records
     self._num_steps = num_steps
@@ -289,15 +319,17 @@ class _TrainBatches:
       crops.copy(pcm, offset, batch["audio"][row])
       for key in self._label_shapes:
         batch[key][row] = example[key]
-    return batch
+    return _selected(batch, self._selection)
 
 
 class _EvalBatches:
   """Random-access source whose element i is this process's i-th evaluation batch, padded to a static shape."""
 
   def __init__(self, reader: _Reader, num_records: int, batch_size: int, crop_len: int, num_crops: int,
-               label_shapes: Mapping[str, int], process_index: int, process_count: int, audio_dtype=np.float32):
+               label_shapes: Mapping[str, int], process_index: int, process_count: int, audio_dtype=np.float32,
+               selection: Optional[LabelSelection] = None):
     self._reader = reader
+    self._selection = selection
     self._audio_dtype = audio_dtype
     self._records = np.arange(process_index, num_records, process_count)
     self._num_batches = num_eval_batches(num_records, batch_size, process_count)
@@ -326,7 +358,12 @@ class _EvalBatches:
         batch[key][row] = example[key]
       batch["mask"][row] = True
       batch["clip_index"][row] = record
-    return batch
+    return _selected(batch, self._selection)
+
+
+def _selected(batch: dict[str, np.ndarray], selection: Optional[LabelSelection]) -> dict[str, np.ndarray]:
+  """The batch with the run's labels in place of the dataset's (padding rows stay all-zero)."""
+  return batch if selection is None else {**batch, **selection.apply(batch["labels"])}
 
 
 def _processes(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -337,9 +374,11 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> tu
   return index, count
 
 
-def _label_shapes(path: str) -> dict[str, int]:
+def _label_shapes(path: str, selection: Optional[LabelSelection]) -> dict[str, int]:
+  """The label features to read: with a selection, the fine labels only (its coarse labels are made from them)."""
   features = tfds.builder_from_directory(path).info.features
-  return {k: features[k].shape[0] for k in ("labels", "coarse_labels") if k in features}
+  keys = ("labels",) if selection else ("labels", "coarse_labels")
+  return {k: features[k].shape[0] for k in keys if k in features}
 
 
 def _check_split(info: DatasetInfo, split: str) -> int:
@@ -369,7 +408,7 @@ def _prefetched(make_source, worker_count: int, read_threads: int, prefetch: int
 def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed: int, split: str = "train",
                    num_epochs: Optional[int] = None, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, worker_count: int = 0, read_threads: int = 2,
-                   prefetch: int = 4) -> grain.DatasetIterator:
+                   prefetch: int = 4, selection: Optional[LabelSelection] = None) -> grain.DatasetIterator:
   """Endless (or `num_epochs`-long) iterator of this process's training batches.
 
   Args:
@@ -382,11 +421,12 @@ def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed:
       65,280-sample crops: ~2,200 crops per CPU-second here, ~1,300 in a worker process, which pays for the
       shared-memory hand-over). Add workers when one core cannot keep up with the accelerator.
     read_threads, prefetch: threads and batches read ahead, per worker (or in this process).
+    selection: the run's labels where they are not the dataset's own (`label_selection`).
 
   Returns:
     A grain DatasetIterator of {'audio': (b, crop_len) float32, 'labels': (b, T) float32, and 'coarse_labels':
-    (b, C) float32 for hierarchical sets}. Its get_state() (a JSON-serialisable dict) and set_state() resume the
-    exact sequence of batches.
+    (b, C) float32 for hierarchical sets or selections}. Its get_state() (a JSON-serialisable dict) and set_state()
+    resume the exact sequence of batches.
   """
   info = dataset_info(data_dir, name)
   num_records = _check_split(info, split)
@@ -396,29 +436,30 @@ def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed:
     raise ConfigError(f"split {split!r} of {name} has {num_records} clips, fewer than one global batch of "
                       f"{batch_size} × {count} processes")
   num_steps = sys.maxsize if num_epochs is None else steps * num_epochs
-  shapes = _label_shapes(info.path)
+  shapes = _label_shapes(info.path, selection)
   make_source = functools.partial(_TrainBatches, _Reader(info.path, split, shapes), num_records, num_steps,
-                                  batch_size, crop_len, shapes, seed, p, count)
+                                  batch_size, crop_len, shapes, seed, p, count, selection=selection)
   return iter(_prefetched(make_source, worker_count, read_threads, prefetch))
 
 
 def eval_batches(data_dir, name: str, *, split: str, batch_size: int, crop_len: int,
                  num_crops: int = crops.EVAL_CROPS, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, worker_count: int = 0, read_threads: int = 2,
-                 prefetch: int = 2) -> grain.IterDataset:
+                 prefetch: int = 2, selection: Optional[LabelSelection] = None) -> grain.IterDataset:
   """This process's evaluation batches of `split`, in record order; iterate it once per evaluation.
 
   Process p takes records p, p + P, ...; every process yields `num_eval_batches(...)` batches of static shape:
   {'audio': (b, num_crops, crop_len) float32, 'labels': (b, T) float32, ['coarse_labels': (b, C) float32,]
   'mask': (b,) bool (False on padding rows), 'clip_index': (b,) int32 (the record index in the split, -1 on
-  padding rows)}. Average the sigmoid outputs over the crops, then use `mask` to drop padding rows.
+  padding rows)}. Average the sigmoid outputs over the crops, then use `mask` to drop padding rows. `selection`: as
+  for `train_iterator`.
   """
   info = dataset_info(data_dir, name)
   num_records = _check_split(info, split)
   p, count = _processes(process_index, process_count)
-  shapes = _label_shapes(info.path)
+  shapes = _label_shapes(info.path, selection)
   make_source = functools.partial(_EvalBatches, _Reader(info.path, split, shapes), num_records, batch_size,
-                                  crop_len, num_crops, shapes, p, count)
+                                  crop_len, num_crops, shapes, p, count, selection=selection)
   return _prefetched(make_source, worker_count, read_threads, prefetch)
 
 

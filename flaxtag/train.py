@@ -2,7 +2,8 @@
 
   python -m flaxtag.train --config configs/mtat.py:spec_att --workdir runs/spec_att [--config.train.batch_size=32]
 
-Every epoch ends with a checkpoint (model, optimizer state, data-iterator state, config, metadata), every
+Every epoch ends with a checkpoint (model, optimizer state, data-iterator state, config, metadata: the run's tag
+names and hierarchy, and the data it was trained on, `DatasetInfo.describe`), every
 `train.eval_every_epochs`-th epoch and the last with a 16-crop validation first; the latest
 `train.checkpoints_to_keep` and the best by validation ROC-AUC are kept. Rerunning the
 same command resumes from the latest checkpoint, on any number of devices and processes, and continues exactly as
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from flaxtag import checkpoint, cli, input_pipeline, optim, run_lock, sharding
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError, FlaxtagError
-from flaxtag.hierarchy import load_hierarchy
+from flaxtag.hierarchy import Hierarchy, LabelSelection, load_hierarchy
 from flaxtag.metric_writer import MetricWriter
 from flaxtag.models import heads, tagger
 from flaxtag.train_step import TrainState, create_train_state, make_predict_step, make_train_step
@@ -59,6 +60,8 @@ class Run:
   """Everything `train_and_evaluate` builds from the config before the first step."""
   config: ml_collections.ConfigDict
   info: input_pipeline.DatasetInfo
+  tag_names: tuple[str, ...]  # the fine tags the model is trained on: the dataset's, or the hierarchy file's
+  selection: LabelSelection | None  # how they are read from the dataset (None: its own labels, as stored)
   model: tagger.MusicTagger
   mesh: jax.sharding.Mesh
   local_batch_size: int
@@ -72,22 +75,35 @@ class Run:
   @property
   def metadata(self) -> dict:
     hierarchy = self.model.hierarchy
-    return {"tag_names": list(self.info.tags), "hierarchy": hierarchy.to_mapping() if hierarchy else None,
-            "dataset": self.config.data.name, "source": "flaxtag.train"}
+    return {"tag_names": list(self.tag_names), "hierarchy": hierarchy.to_mapping() if hierarchy else None,
+            "dataset": self.config.data.name, "data": self.info.describe("train", "valid"), "source": "flaxtag.train"}
+
+
+def run_tags(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo
+             ) -> tuple[tuple[str, ...], Hierarchy | None]:
+  """The fine tags and hierarchy of a run: those of `model.hierarchy_file`, in its order, where it is set (a file
+  naming every dataset tag keeps the dataset's order, as whole-dataset hierarchies always have); else the dataset's."""
+  if not config.model.hierarchy_file:
+    return info.tags, info.hierarchy
+  hierarchy = load_hierarchy(config.model.hierarchy_file)
+  if set(hierarchy.fine_tags) == set(info.tags):
+    hierarchy = load_hierarchy(config.model.hierarchy_file, fine_tags=info.tags)
+  return hierarchy.fine_tags, hierarchy
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Checks the config against the data and devices; fails before anything is compiled."""
   info = input_pipeline.dataset_info(config.data.data_dir, config.data.name)
-  hierarchy = info.hierarchy
-  if config.model.hierarchy_file:
-    hierarchy = load_hierarchy(config.model.hierarchy_file, fine_tags=info.tags)
+  tag_names, hierarchy = run_tags(config, info)
+  selection = input_pipeline.label_selection(info, tag_names, hierarchy, source=config.model.hierarchy_file)
   if heads.needs_hierarchy(config.model.head) and hierarchy is None:
     raise ConfigError(f"model.head={config.model.head!r} needs a tag hierarchy: {config.data.name} has none; set "
                       "model.hierarchy_file to a JSON/YAML file mapping coarse → fine tags.")
-  if config.model.num_tags != info.num_tags:
-    raise ConfigError(f"model.num_tags={config.model.num_tags} but {config.data.name} has {info.num_tags} tags; "
-                      f"set --config.model.num_tags={info.num_tags}.")
+  if config.model.num_tags != len(tag_names):
+    where = (f"the hierarchy file {config.model.hierarchy_file} names" if config.model.hierarchy_file
+             else f"{config.data.name} has")
+    raise ConfigError(f"model.num_tags={config.model.num_tags} but {where} {len(tag_names)} tags; "
+                      f"set --config.model.num_tags={len(tag_names)}.")
   model = tagger.build_model(config.model, hierarchy, config.half_precision)
   mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch_size(config.train.batch_size, mesh)
@@ -102,7 +118,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   if steps < 1:
     raise ConfigError(f"the train split of {config.data.name} ({info.split_sizes['train']} clips) is smaller than "
                       f"one batch of train.batch_size={config.train.batch_size}.")
-  return Run(config, info, model, mesh, local_batch, steps, optim.in_steps(config.optim, steps))
+  return Run(config, info, tag_names, selection, model, mesh, local_batch, steps, optim.in_steps(config.optim, steps))
 
 
 def _save(manager, run: Run, state: TrainState, data_iterator, metrics=None):
@@ -176,8 +192,8 @@ def stage_changed_in_epoch(optim_config, step: int, steps_per_epoch: int, switch
 def validate(run: Run, predict_step, state: TrainState, split: str = "valid") -> dict:
   return evaluation.evaluate_split(predict_step, state.variables, run.mesh, run.config.data.data_dir,
                                    run.config.data.name, split, run.config.train.eval_batch_size,
-                                   tagger.crop_samples(run.model), run.info.tags, run.model.hierarchy,
-                                   run.info.split_sizes[split])[0]
+                                   tagger.crop_samples(run.model), run.tag_names, run.model.hierarchy,
+                                   run.info.split_sizes[split], run.selection)[0]
 
 
 class DivergenceWatch:
@@ -274,7 +290,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   predict_step = make_predict_step(run.model, run.mesh)
   data_iterator = input_pipeline.train_iterator(
       config.data.data_dir, config.data.name, batch_size=run.local_batch_size,
-      crop_len=tagger.crop_samples(run.model), seed=config.seed, worker_count=config.data.worker_count)
+      crop_len=tagger.crop_samples(run.model), seed=config.seed, worker_count=config.data.worker_count,
+      selection=run.selection)
   manager = checkpoint.open_manager(workdir, keep_latest=config.train.checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = _resume(manager, workdir, state, data_iterator)

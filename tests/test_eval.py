@@ -64,6 +64,9 @@ def test_eval_command_writes_report_and_predictions(trained_run, tmp_path):
   assert "macro ROC-AUC" in done.stdout and "hierarchy violation rate" in done.stdout
   saved = json.loads(report.read_text())
   assert saved["split"] == "valid" and saved["num_clips"] == 8 and saved["checkpoint_step"] == 6
+  # Which data: the dataset, its config (none here) and version, the split and its clips (no provenance here).
+  assert saved["data"] == {"name": "synth_instruments", "config": None, "version": "1.0.0", "splits": {"valid": 8}}
+  assert done.stdout.startswith("synth_instruments 1.0.0, split valid: 8 clips; checkpoint step 6 of ")
   arrays = np.load(preds)
   assert arrays["fine_probs"].shape == (8, 25) and list(arrays["tag_names"]) == Tagger.load(workdir).tag_names
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flaxtag.errors import HierarchyError
-from flaxtag.hierarchy import Hierarchy, load_hierarchy
+from flaxtag.hierarchy import Hierarchy, LabelSelection, load_hierarchy
 
 MAPPING = {"strings": ["violin", "cello"], "keys": ["piano"], "winds": ["flute", "oboe"]}
 DATASET_FINE = ("piano", "flute", "violin", "oboe", "cello")
@@ -99,3 +99,37 @@ def test_malformed_files(tmp_path):
     load_hierarchy(tmp_path / "h.txt")
   with pytest.raises(HierarchyError, match="cannot read"):
     load_hierarchy(tmp_path / "missing.yaml")
+
+
+# A dataset with an annotated family tag ('strings') and tags outside the hierarchy ('rock', 'drums').
+SUBSET_DATASET = ("rock", "violin", "strings", "piano", "cello", "drums")
+SUBSET = {"strings": ["cello", "violin"], "keys": ["piano"]}
+
+
+def test_label_selection_reads_the_named_columns_in_the_file_order_and_ors_annotated_coarse_tags():
+  h = Hierarchy.from_mapping(SUBSET)
+  selection = LabelSelection.create(SUBSET_DATASET, h.fine_tags, h)
+  assert selection.tag_names == ("cello", "violin", "piano")
+  np.testing.assert_array_equal(selection.columns, [4, 1, 3])
+  np.testing.assert_array_equal(selection.direct_coarse, [2, -1])  # 'strings' is annotated, 'keys' is not
+  labels = np.array([
+      [1, 0, 1, 0, 0, 1],  # strings annotated, none of its children: strings 1
+      [0, 1, 0, 0, 0, 0],  # violin only, strings not annotated: strings 1
+      [1, 0, 0, 1, 0, 1],  # piano: keys 1; rock and drums ignored
+      [0, 0, 0, 0, 0, 0]], np.float32)  # nothing (a padding row)
+  out = selection.apply(labels)
+  np.testing.assert_array_equal(out["labels"], [[0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(out["coarse_labels"], [[1, 0], [1, 0], [0, 1], [0, 0]])
+  assert out["labels"].dtype == out["coarse_labels"].dtype == np.float32
+  flat = LabelSelection.create(SUBSET_DATASET, ["drums", "rock"])
+  assert flat.apply(labels).keys() == {"labels"}
+  np.testing.assert_array_equal(flat.apply(labels)["labels"], labels[:, [5, 0]])
+
+
+def test_label_selection_names_an_unknown_tag_and_the_closest_dataset_tags():
+  h = Hierarchy.from_mapping({"strings": ["violins", "cello"], "keys": ["pianoo", "organ"]})
+  with pytest.raises(HierarchyError, match=r"^h.yaml: 'violins' is not a tag of mtat \(nor are \['pianoo', "
+                     r"'organ'\]\); closest: 'violin'$"):
+    LabelSelection.create(SUBSET_DATASET, h.fine_tags, h, source="h.yaml", dataset="mtat")
+  with pytest.raises(HierarchyError, match=r"'organ' is not a tag of the dataset$"):  # nothing close: no suggestion
+    LabelSelection.create(SUBSET_DATASET, ["organ"])

@@ -27,6 +27,9 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   best = max(valid, key=lambda r: r["roc_auc"])["step"]
   assert checkpoint.resolve_step(manager, "best") == best
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
+  _, metadata = checkpoint.load_config(manager, 6)
+  assert metadata["data"] == {"name": "synth_instruments", "config": None, "version": "1.0.0",
+                              "splits": {"train": 16, "valid": 8}}  # what the run trained and selected on
 
 
 def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data_dir, sgd_run, tmp_path):
@@ -124,6 +127,26 @@ def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
     train.setup(run_config(synth_data_dir, **{"optim.switch": "sometimes"}))
   with pytest.raises(ConfigError, match="train.eval_every_epochs=0 must be at least 1"):
     train.setup(run_config(synth_data_dir, **{"train.eval_every_epochs": 0}))
+
+
+def test_a_hierarchy_file_over_some_synth_instruments_replaces_the_datasets_coarse_labels(synth_data_dir, tmp_path):
+  """The dataset's own coarse labels are those of its own families (guitars, strings, woodwinds, ...); a run over
+  some of its instruments in other families makes its coarse labels from the instruments it names."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from flaxtag import input_pipeline  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "subset.yaml"
+  path.write_text("plucked: [distortion guitar, harp, nylon guitar]\nreeds: [saxophone, oboe]\n")
+  run = train.setup(run_config(synth_data_dir, **{"model.hierarchy_file": str(path), "model.num_tags": 5}))
+  assert run.tag_names == ("distortion guitar", "harp", "nylon guitar", "saxophone", "oboe")
+  assert run.model.hierarchy.coarse_tags == ("plucked", "reeds")
+  batch = next(input_pipeline.train_iterator(synth_data_dir, "synth_instruments", batch_size=8, crop_len=4096,
+                                             seed=0, process_index=0, process_count=1, selection=run.selection))
+  source = tfds.builder_from_directory(run.info.path).as_data_source("train")
+  labels = np.stack([source[int(r)]["labels"] for r in input_pipeline.epoch_permutation(16, 0, 0)[:8]])
+  fine = labels[:, [run.info.tags.index(t) for t in run.tag_names]]
+  np.testing.assert_array_equal(batch["labels"], fine)
+  np.testing.assert_array_equal(batch["coarse_labels"], np.stack([fine[:, :3].max(1), fine[:, 3:].max(1)], 1))
+  assert fine[:, :3].sum() >= 2 and fine[:, 3:].sum() >= 2  # these 8 clips have some of both families
 
 
 @pytest.mark.parametrize("step,switch_count,expected", [
