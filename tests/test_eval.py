@@ -8,6 +8,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 import tensorflow_datasets as tfds
 
+from data_prep.synth_instruments.synth_instruments import SynthInstruments
 from flaxtag import audio, crops, eval as evaluation, input_pipeline
 from flaxtag.inference import Tagger
 
@@ -65,8 +66,9 @@ def test_eval_command_writes_report_and_predictions(trained_run, tmp_path):
   saved = json.loads(report.read_text())
   assert saved["split"] == "valid" and saved["num_clips"] == 8 and saved["checkpoint_step"] == 6
   # Which data: the dataset, its config (none here) and version, the split and its clips (no provenance here).
-  assert saved["data"] == {"name": "synth_instruments", "config": None, "version": "1.0.0", "splits": {"valid": 8}}
-  assert done.stdout.startswith("synth_instruments 1.0.0, split valid: 8 clips; checkpoint step 6 of ")
+  version = str(SynthInstruments.VERSION)
+  assert saved["data"] == {"name": "synth_instruments", "config": None, "version": version, "splits": {"valid": 8}}
+  assert done.stdout.startswith(f"synth_instruments {version}, split valid: 8 clips; checkpoint step 6 of ")
   arrays = np.load(preds)
   assert arrays["fine_probs"].shape == (8, 25) and list(arrays["tag_names"]) == Tagger.load(workdir).tag_names
 

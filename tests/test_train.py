@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from data_prep.synth_instruments.synth_instruments import SynthInstruments
 from flaxtag import checkpoint, optim, train
 from train_runs import SGD, SGD_STEPS, assert_same_model, last_logged_step, records, run_config, start_two_processes
 
@@ -28,7 +29,7 @@ def test_uninterrupted_run_writes_logs_and_keeps_latest_and_best(trained_run):
   assert checkpoint.resolve_step(manager, "best") == best
   assert set(manager.all_steps()) == {4, 6} | {best}  # the latest 2 and the best
   _, metadata = checkpoint.load_config(manager, 6)
-  assert metadata["data"] == {"name": "synth_instruments", "config": None, "version": "1.0.0",
+  assert metadata["data"] == {"name": "synth_instruments", "config": None, "version": str(SynthInstruments.VERSION),
                               "splits": {"train": 16, "valid": 8}}  # what the run trained and selected on
 
 
