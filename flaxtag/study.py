@@ -239,7 +239,8 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   for seed in seeds:
     for variant, (name, _) in final.items():
       if (variant, seed) not in done:
-        _append(results_path, {**runs[name, seed], **final_scores(_workdir(out, name, seed), held_out)})
+        _append(results_path, {**runs[name, seed], "variant": variant,
+                                **final_scores(_workdir(out, name, seed), held_out)})
   return read_lines(results_path)
 
 
@@ -305,13 +306,13 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
                 [[row["variant"], *(_cell(row.get(key)) for key, _ in columns), len(row["seeds"])] for row in rows])
 
 
-def delta_table(results: list[dict], variants) -> str:
+def delta_table(results: list[dict], variants, baseline: str) -> str:
   rows = []
   for key, title in DELTA_KEYS:
-    for d in paired_deltas(results, variants, key):
+    for d in paired_deltas(results, variants, key, baseline):
       rows.append([d["variant"], title, ", ".join(f"{x:+.4f}" for x in d["deltas"]), f"{d['mean']:+.4f}",
                    "–" if d["sd"] is None else f"{d['sd']:.4f}", "yes" if d["exceeds"] else "no"])
-  return _table(["variant", "score", "per-seed Δ vs flat", "mean Δ", "sd", "exceeds spread"], rows)
+  return _table(["variant", "score", f"per-seed Δ vs {baseline}", "mean Δ", "sd", "exceeds spread"], rows)
 
 
 def runs_table(results: list[dict], variants) -> str:
@@ -343,13 +344,15 @@ def write_tables(results: list[dict], runs: list[dict], out: str, candidates=Non
       "## Heads, the same test pieces rendered with the held-out SoundFont",
       markdown_table(summarize(results, heads, held_out), held_out),
       f"## Paired per-seed deltas against flat (exceeds spread: |mean| > {SPREAD_FACTOR:g} × sd / √n)",
-      delta_table(results, heads),
+      delta_table(results, heads, "flat"),
       "## Models (GMP head; `gmp` is Spec+Att), matched capacity: test split",
       markdown_table(summarize(results, models)),
       "Held-out SoundFont:", markdown_table(summarize(results, models, held_out), held_out),
+      "Paired per-seed deltas against Spec+Att (`gmp`):", delta_table(results, models, "gmp"),
       f"## Models, matched compute (the forward FLOPs of {COMPUTE_BUDGET_EPOCHS} epochs of Spec+Att, at most the epoch "
       "budget): test split", markdown_table(summarize(results, compute)),
       "Held-out SoundFont:", markdown_table(summarize(results, compute, held_out), held_out),
+      "Paired per-seed deltas against Spec+Att:", delta_table(results, compute, "spec_att_compute"),
       "## Runs", runs_table(results, every),
       "Best checkpoint by validation fine ROC-AUC; mean ± sample standard deviation over seeds.\n"])
   path = os.path.join(out, "results.md")

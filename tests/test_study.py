@@ -200,3 +200,20 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   assert f"| gmp | {chosen} |" in text and "| gmp | fine ROC-AUC |" in text
   with open(tmp_path / "results.jsonl") as f:
     assert len([json.loads(line) for line in f]) == 2
+
+
+def test_results_md_has_the_selection_the_tables_the_deltas_and_the_runs(tmp_path):
+  candidates = {"flat": study.HEAD_CANDIDATES["flat"], "gmp": study.HEAD_CANDIDATES["gmp"]}
+  runs = _runs({"gmp_cw0.5": [0.7, 0.7], "gmp_cw1": [0.8, 0.8]})
+  variants = ["flat", "gmp", "spec_cnnp", "spec_att_compute", "raw_att_compute"]
+  results = [{"variant": v, "run": v, "seed": s, "roc_auc": 0.8 + 0.01 * i + 0.001 * s,
+              "heldout_roc_auc": 0.7 + 0.01 * i, "parameters": 1000 + i, "forward_flops": 2e9, "epochs_budget": 60,
+              "best_epoch": 10 + s, "stop_epoch": 15 + s, "stopped_early": True}
+             for i, v in enumerate(variants) for s in range(3)]
+  text = open(study.write_tables(results, runs, str(tmp_path), candidates, [0, 1])).read()
+  assert "| gmp | gmp_cw1 | 0.8000 | yes |" in text and "| gmp | gmp_cw0.5 | 0.7000 |  |" in text
+  assert "| gmp | fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text
+  assert "| gmp | held-out fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text
+  assert "| spec_cnnp | fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text  # against gmp
+  assert "| raw_att_compute | fine ROC-AUC | +0.0100, +0.0100, +0.0100 |" in text  # against spec_att_compute
+  assert "| spec_cnnp | spec_cnnp | 1,002 | 2.000 | 60 | 10, 11, 12 | 15, 16, 17 | 3 |" in text
