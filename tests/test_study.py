@@ -217,3 +217,11 @@ def test_results_md_has_the_selection_the_tables_the_deltas_and_the_runs(tmp_pat
   assert "| spec_cnnp | fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text  # against gmp
   assert "| raw_att_compute | fine ROC-AUC | +0.0100, +0.0100, +0.0100 |" in text  # against spec_att_compute
   assert "| spec_cnnp | spec_cnnp | 1,002 | 2.000 | 60 | 10, 11, 12 | 15, 16, 17 | 3 |" in text
+
+
+def test_held_out_build_is_skipped_with_a_note_without_the_soundfont(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(render, "find_soundfont", lambda filename: None)
+  assert demo.build_held_out(str(tmp_path / "heldout"), {"num_test": 8}) is None
+  note = "note: skipped: FluidR3_GM.sf2 (apt-get install fluid-soundfont-gm) is not installed"
+  assert note in capsys.readouterr().out
+  assert not (tmp_path / "heldout").exists()
