@@ -12,9 +12,12 @@ from data_prep.synth_instruments import render
 from flaxtag import demo, study
 from flaxtag import eval as evaluation
 from flaxtag import train
+from flaxtag.errors import ConfigError
 from flaxtag.hierarchy import Hierarchy
 from flaxtag.models import heads, tagger
 
+# synth_data_dir's build options (conftest.py): the end-to-end studies reuse its set.
+TINY_SIZES = {"num_train": 16, "num_valid": 8, "num_test": 8, "clip_seconds": 5.0, "seed": 1, "augment": False}
 EVERY_OVERRIDES = {name: overrides for names in study.HEAD_CANDIDATES.values() for name, overrides in names.items()}
 
 
@@ -93,7 +96,7 @@ def test_choice_is_the_best_mean_validation_score_over_the_selection_seeds():
   assert [(r["run"], r["chosen"]) for r in table] == [("gmp_cw0.5", False), ("gmp_cw1", True), ("a", True),
                                                       ("b", False), ("c", False)]
   assert table[0]["valid_roc_auc"] == pytest.approx(0.75)
-  with pytest.raises(study.ConfigError, match=r"'gmp_cw0\.5' has no validation score for seeds \[3\]"):
+  with pytest.raises(ConfigError, match=r"'gmp_cw0\.5' has no validation score for seeds \[3\]"):
     study.choose(runs, candidates, [0, 3])
 
 
@@ -170,8 +173,7 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   config = train_runs.run_config(synth_data_dir, **{"train.num_epochs": 2, "train.eval_every_epochs": 1,
                                                     "train.early_stopping_patience": 1})
   candidates = {"flat": study.HEAD_CANDIDATES["flat"], "gmp": study.HEAD_CANDIDATES["gmp"]}
-  sizes = {"num_train": 16, "num_valid": 8, "num_test": 8, "clip_seconds": 5.0, "seed": 1, "augment": False}
-  results = study.run_study(config, str(tmp_path), sizes, [0], [0], candidates, models={})
+  results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={})
 
   runs = study.read_lines(tmp_path / "runs.jsonl")
   chosen = study.choose(runs, candidates, [0])["gmp"]
@@ -194,7 +196,7 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
     assert line[key] == pytest.approx(value, abs=1e-6)
 
   events.clear()
-  assert study.run_study(config, str(tmp_path), sizes, [0], [0], candidates, models={}) == results
+  assert study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={}) == results
   assert not events
   text = open(study.write_tables(results, runs, str(tmp_path), candidates, [0])).read()
   assert f"| gmp | {chosen} |" in text and "| gmp | fine ROC-AUC |" in text
@@ -225,3 +227,21 @@ def test_held_out_build_is_skipped_with_a_note_without_the_soundfont(tmp_path, m
   note = "note: skipped: FluidR3_GM.sf2 (apt-get install fluid-soundfont-gm) is not installed"
   assert note in capsys.readouterr().out
   assert not (tmp_path / "heldout").exists()
+
+
+@pytest.mark.slow
+def test_protocol_trains_and_tests_the_models_at_matched_capacity_and_compute(synth_data_dir, tmp_path):
+  """The models' part of the final pass on the tiny model: Raw+CNN L beside Spec+Att at matched capacity, and both at
+  matched compute (1 epoch of Spec+Att's FLOPs; Raw+CNN L's cheaper forward gets more epochs, up to the budget)."""
+  config = train_runs.run_config(synth_data_dir, **{"train.num_epochs": 2, "train.early_stopping_patience": 1})
+  candidates = {"gmp": {"gmp_cw1": study.HEAD_CANDIDATES["gmp"]["gmp_cw1"]}}
+  models = {"spec_att": {}, "raw_cnnl": study.MODELS["raw_cnnl"]}
+  results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [], candidates, models, budget_epochs=1)
+  assert [r["variant"] for r in results] == ["gmp", "raw_cnnl", "spec_att_compute", "raw_cnnl_compute"]
+  by_variant = {r["variant"]: r for r in results}
+  flops = {v: by_variant[v]["forward_flops"] for v in ("gmp", "raw_cnnl")}
+  assert by_variant["spec_att_compute"]["epochs_budget"] == 1
+  assert by_variant["raw_cnnl_compute"]["epochs_budget"] == study.compute_matched_epochs(1, flops["gmp"],
+                                                                                         flops["raw_cnnl"], 2)
+  assert not by_variant["spec_att_compute"]["stopped_early"] and by_variant["spec_att_compute"]["stop_epoch"] == 1
+  assert all("roc_auc" in r for r in results)
