@@ -50,21 +50,29 @@ def _save(result: dict, path: str) -> None:
   print(f"report: {path}")
 
 
-def evaluate_held_out(workdir: str, out: str, sizes: dict) -> Optional[dict]:
-  """The best checkpoint on the test pieces rendered with the held-out SoundFont; None (with a note) without it.
+def build_held_out(data_dir: str, options: dict) -> Optional[str]:
+  """Renders the test pieces of the dataset built with `options` (synth_instruments' build options) with the held-out
+  SoundFont into `data_dir`; returns it, or None (with a note) where that SoundFont is not installed.
 
-  The held-out build has the same flags as the dataset's but for the SoundFont list, so its test split has the same
-  notes, instruments, labels and augmentations (each drawn from a stream of its own, see render.py): only the
-  SoundFont differs. Its train and valid splits are one clip each, never used.
+  The held-out build has the same options but for the SoundFont list, so its test split has the same notes,
+  instruments, labels and augmentations (each drawn from a stream of its own, see render.py): only the SoundFont
+  differs. Its train and valid splits are one clip each, never used.
   """
   soundfont = render.find_soundfont(HELD_OUT_SOUNDFONT)
   if soundfont is None:
     print(f"note: skipped: {HELD_OUT_SOUNDFONT} (apt-get install fluid-soundfont-gm) is not installed")
     return None
-  data_dir = os.path.join(out, "data_heldout")
-  summary = build.build("synth_instruments", data_dir, num_workers=os.cpu_count() or 1, num_train=1, num_valid=1,
-                        num_test=sizes["num_test"], soundfont=[soundfont], augment=True)
+  summary = build.build("synth_instruments", data_dir, num_workers=os.cpu_count() or 1,
+                        **{**options, "num_train": 1, "num_valid": 1, "soundfont": [soundfont]})
   print(("reused " if summary.get("reused") else "built ") + summary["path"])
+  return data_dir
+
+
+def evaluate_held_out(workdir: str, out: str, sizes: dict) -> Optional[dict]:
+  """The best checkpoint on the test pieces rendered with the held-out SoundFont (`build_held_out`); None without it."""
+  data_dir = build_held_out(os.path.join(out, "data_heldout"), {**sizes, "augment": True})
+  if data_dir is None:
+    return None
   result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test", data_dir=data_dir)
   print(evaluation.format_report(result, per_tag=False))
   _save(result, os.path.join(out, "test_report_heldout.json"))

@@ -1,76 +1,260 @@
-"""The hierarchical-heads study of RESULTS.md: every head of SPEC §5, and the four models, on the synthetic set.
+"""The hierarchical-heads study of RESULTS.md: does joint training (GMP, ResAtt, ...) beat no joint training (flat)?
 
-  python -m flaxtag.study [--out study_out] [--seeds 0,1,2] [--variants gmp,resatt,...] [--config.train.num_epochs=8]
+  python -m flaxtag.study [--out study_out] [--seeds 0,1,2] [--selection_seeds 0,1] [--config.train.num_epochs=60]
 
-Every variant trains the same backbone with the same budget (configs/study.py) for each seed, then its best
-checkpoint (by validation ROC-AUC) is evaluated on the test split. Results go to `<out>/results.jsonl`, one line per
-finished (variant, seed), and the tables (mean ± standard deviation over seeds) to `<out>/results.md`. A rerun
-skips what is finished and resumes an interrupted run, so the study can be stopped and continued at any point.
+Every run trains the study's Spec+Att backbone (configs/study.py) until early stopping on the validation fine
+ROC-AUC. The protocol reads the test split once, at the end:
+
+1. selection: every candidate of a head with more than one (`HEAD_CANDIDATES`: the ResAtt forms, the coarse weight
+   w_c, λ of the hierarchy loss) trains for each selection seed; each head keeps the candidate with the best mean
+   validation fine ROC-AUC (`choose`);
+2. final: the chosen candidate of every head, and the four models with the GMP head at matched capacity and at matched
+   compute (`final_variants`), train for each seed (a selection run with the same seed is reused);
+3. test: the best checkpoint of every final run is evaluated on the test split and on the same test pieces rendered
+   with the held-out SoundFont (FluidR3_GM; skipped with a note where it is not installed). Nothing is chosen on
+   either.
+
+`<out>/runs.jsonl` gets one line per finished training run (its best validation score, best and stopping epochs),
+`<out>/results.jsonl` one per tested final run, `<out>/results.md` the tables. A rerun skips what is finished and
+resumes an interrupted run, so the study can be stopped and continued at any point.
 """
 import json
+import math
 import os
 import time
 
 from absl import flags
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from data_prep import build
-from flaxtag import cli, sharding, train
+from data_prep.synth_instruments import render
+from flaxtag import cli, demo, sharding, train
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError
+from flaxtag.hierarchy import Hierarchy
+from flaxtag.models import tagger
 
 
 def _resatt(**changes) -> dict:
-  """A ResAtt variant: one change from the direct-base, softmax, unmasked, input-independent form, spelt out in full
-  so that a variant's meaning does not move with the library's defaults."""
+  """A ResAtt form: one change from the direct-base, softmax, unmasked, input-independent form, spelt out in full
+  so that a form's meaning does not move with the library's defaults."""
   form = {"base": "direct", "attention": "softmax", "masked": False, "input_dependent": False, **changes}
   return {"model.head": "resatt", **{f"model.head_options.resatt_{k}": v for k, v in form.items()}}
 
 
-# Heads on the study's Spec+Att backbone. ResAtt's form is a config choice (SPEC §5); these are the variants measured.
-HEAD_VARIANTS = {
-    "flat": {"model.head": "flat"},
-    "multitask": {"model.head": "multitask"},
-    "multitask_hloss": {"model.head": "multitask_hloss"},
-    "top_down": {"model.head": "top_down"},
-    "gmp": {"model.head": "gmp"},
-    "resatt": _resatt(),
-    "resatt_sigmoid": _resatt(attention="sigmoid"),
-    "resatt_masked": _resatt(masked=True),
-    "resatt_input_dependent": _resatt(input_dependent=True),
-    "resatt_gmp_base": _resatt(base="gmp"),
+# The candidate grid of the selection pass. ResAtt forms: those the 6-epoch study showed to differ (the sigmoid map
+# lost on every column; the input-dependent map matched the fixed one within 0.002).
+RESATT_FORMS = {"resatt": _resatt(), "resatt_masked": _resatt(masked=True), "resatt_gmp_base": _resatt(base="gmp")}
+COARSE_WEIGHTS = (0.5, 1.0)  # w_c of every head with a coarse BCE
+HIERARCHY_LOSS_WEIGHTS = (1.0, 10.0)  # λ of multitask_hloss (λ = 1 barely moved the violations at 6 epochs)
+SELECTION_SEEDS = (0, 1)
+# Matched compute: every model trains for the forward FLOPs of this many epochs of Spec+Att.
+COMPUTE_BUDGET_EPOCHS = 20
+# A mean paired delta "exceeds the seed spread" when |mean| > SPREAD_FACTOR × its standard error (sd / √n).
+SPREAD_FACTOR = 2.0
+
+
+def _coarse_weight(w: float) -> dict:
+  return {"model.head_options.coarse_weight": w}
+
+
+# Per head of the final pass, its candidates: run name → config overrides.
+HEAD_CANDIDATES = {
+    "flat": {"flat": {"model.head": "flat"}},
+    **{head: {f"{head}_cw{w:g}": {"model.head": head, **_coarse_weight(w)} for w in COARSE_WEIGHTS}
+       for head in ("multitask", "top_down", "gmp")},
+    "multitask_hloss": {
+        f"multitask_hloss_cw{w:g}_hl{h:g}": {"model.head": "multitask_hloss", **_coarse_weight(w),
+                                             "model.head_options.hierarchy_loss_weight": h}
+        for w in COARSE_WEIGHTS for h in HIERARCHY_LOSS_WEIGHTS},
+    "resatt": {f"{form}_cw{w:g}": {**overrides, **_coarse_weight(w)}
+               for form, overrides in RESATT_FORMS.items() for w in COARSE_WEIGHTS},
 }
-# The four models of method A with the GMP head, the same budget. Spec+Att is the `gmp` head variant.
-MODEL_VARIANTS = {
-    "raw_att": {"model.head": "gmp", "model.frontend": "raw"},
-    "spec_cnnp": {"model.head": "gmp", "model.backend": "cnn_p"},
-    "raw_cnnl": {"model.head": "gmp", "model.frontend": "raw", "model.backend": "cnn_l"},
+# The four models of method A, each with the GMP head as `gmp` chose it. Spec+Att is the study's backbone; Spec+CNN P
+# takes configs/study.py's model.cnn_p widths (Spec+Att's capacity); the Raw models are as they are.
+MODELS = {
+    "spec_att": {},
+    "spec_cnnp": {"model.backend": "cnn_p"},
+    "raw_att": {"model.frontend": "raw"},
+    "raw_cnnl": {"model.frontend": "raw", "model.backend": "cnn_l"},
 }
-VARIANTS = {**HEAD_VARIANTS, **MODEL_VARIANTS}
-# What results.md reports per variant: (key in a results line, column title).
+# What the tables report per variant: (key in a results line, column title); held-out keys are prefixed.
 COLUMNS = (("roc_auc", "fine ROC-AUC"), ("pr_auc", "fine PR-AUC"), ("coarse_roc_auc", "coarse ROC-AUC"),
            ("coarse_pr_auc", "coarse PR-AUC"), ("violation_rate", "violation rate"))
+HELD_OUT = "heldout_"
+DELTA_KEYS = (("roc_auc", "fine ROC-AUC"), ("coarse_roc_auc", "coarse ROC-AUC"),
+              (HELD_OUT + "roc_auc", "held-out fine ROC-AUC"), (HELD_OUT + "coarse_roc_auc", "held-out coarse ROC-AUC"))
 
 
-def variant_config(base_config, variant: str, seed: int):
-  """The study config of one (variant, seed)."""
-  if variant not in VARIANTS:
-    raise ConfigError(f"unknown study variant {variant!r}; valid variants are {list(VARIANTS)}.")
+def variant_config(base_config, overrides: dict, seed: int):
+  """The study config of one run: the base config with `overrides` and `seed`."""
   config = base_config.copy_and_resolve_references()
-  config.update_from_flattened_dict({**VARIANTS[variant], "seed": seed})
+  config.update_from_flattened_dict({**overrides, "seed": seed})
   return config
 
 
-def read_results(path: str) -> list[dict]:
+def model_cost(config) -> dict:
+  """The model's parameter count and the FLOPs of its forward pass on one training crop (XLA's cost analysis)."""
+  model = tagger.build_model(config.model, Hierarchy.from_mapping(render.hierarchy()))
+  variables = tagger.abstract_variables(model)
+  crop = jax.ShapeDtypeStruct((1, tagger.crop_samples(model)), jnp.float32)
+  cost = jax.jit(model.apply).lower(variables, crop).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per computation
+  return {"parameters": tagger.count_parameters(variables["params"]), "forward_flops": float(cost["flops"])}
+
+
+def compute_matched_epochs(budget_epochs: int, reference_flops: float, flops: float, max_epochs: int) -> int:
+  """Epochs of a model whose forward pass costs `flops` for the training FLOPs of `budget_epochs` epochs of one
+  costing `reference_flops`: every model sees the same batches per epoch, and training costs about 3 forwards for
+  every model, so epochs × forward FLOPs is the training FLOP budget. Rounded, at least 1, at most `max_epochs` (a
+  model that cheap gets less than the budget: Raw+CNN L's ~390 epochs would take half a day per seed on a CPU, whose
+  time does not shrink with the FLOPs of so small a model)."""
+  return min(max_epochs, max(1, round(budget_epochs * reference_flops / flops)))
+
+
+def training_record(records: list[dict]) -> dict:
+  """A finished run's metrics.jsonl records → its best validation fine ROC-AUC, the epoch of that best (the first
+  one, as early stopping counts), the last validated epoch, and whether early stopping ended it."""
+  valid = [r for r in records if r["kind"] == "valid"]
+  scored = [r for r in valid if r.get("roc_auc") is not None and math.isfinite(r["roc_auc"])]
+  best = max(scored, key=lambda r: r["roc_auc"], default=None)  # max keeps the first of equal scores
+  return {"valid_roc_auc": best and best["roc_auc"], "best_epoch": best and best["epoch"],
+          "stop_epoch": valid[-1]["epoch"] if valid else None,
+          "stopped_early": any(r["kind"] == "early_stop" for r in records)}
+
+
+def selection_table(runs: list[dict], candidates: dict, seeds) -> list[dict]:
+  """Per candidate of every head with more than one: its mean validation fine ROC-AUC over `seeds`, and whether it
+  is the head's choice (the highest mean; the first in grid order among equals)."""
+  rows = []
+  for variant, names in candidates.items():
+    if len(names) < 2:
+      continue
+    scores = {}
+    for name in names:
+      values = {r["seed"]: r["valid_roc_auc"] for r in runs if r["run"] == name and r["seed"] in seeds}
+      if len(values) < len(seeds) or None in values.values():
+        raise ConfigError(f"selection run {name!r} has no validation score for seeds "
+                          f"{sorted(set(seeds) - {s for s, v in values.items() if v is not None})}.")
+      scores[name] = float(np.mean(list(values.values())))
+    chosen = max(scores, key=scores.get)
+    rows += [{"variant": variant, "run": name, "valid_roc_auc": score, "chosen": name == chosen}
+             for name, score in scores.items()]
+  return rows
+
+
+def choose(runs: list[dict], candidates: dict, seeds) -> dict[str, str]:
+  """Per head: the run name of its chosen candidate (the only one where it has one)."""
+  chosen = {variant: next(iter(names)) for variant, names in candidates.items()}
+  chosen.update({r["variant"]: r["run"] for r in selection_table(runs, candidates, seeds) if r["chosen"]})
+  return chosen
+
+
+def final_variants(base_config, candidates: dict, chosen: dict[str, str], models: dict,
+                   budget_epochs: int) -> dict[str, tuple[str, dict]]:
+  """The final pass: variant → (run name, config overrides). Every head at its chosen candidate; with `models`, the
+  four models with `gmp`'s head at matched capacity (`<model>`, early stopping as every run) and at matched compute
+  (`<model>_compute`: `compute_matched_epochs` of Spec+Att's `budget_epochs`, at most the config's epoch budget, no
+  early stopping)."""
+  final = {variant: (chosen[variant], candidates[variant][chosen[variant]]) for variant in candidates}
+  if not models:
+    return final
+  gmp = candidates["gmp"][chosen["gmp"]]
+  costs = {name: model_cost(variant_config(base_config, {**gmp, **changes}, 0)) for name, changes in models.items()}
+  for name, changes in models.items():
+    if changes:  # Spec+Att at matched capacity is `gmp` itself
+      final[name] = (name, {**gmp, **changes})
+  for name, changes in models.items():
+    epochs = compute_matched_epochs(budget_epochs, costs["spec_att"]["forward_flops"], costs[name]["forward_flops"],
+                                    base_config.train.num_epochs)
+    final[f"{name}_compute"] = (f"{name}_compute", {**gmp, **changes, "train.num_epochs": epochs,
+                                                    "train.early_stopping_patience": 0})
+  return final
+
+
+def read_lines(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(results: list[dict], variants) -> list[dict]:
+def _append(path: str, line: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(line) + "\n")
+
+
+def _workdir(out: str, name: str, seed: int) -> str:
+  return os.path.join(out, "runs", name, f"seed_{seed}")
+
+
+def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed: int) -> None:
+  """Trains one run unless `<out>/runs.jsonl` has it; appends its line there."""
+  path = os.path.join(out, "runs.jsonl")
+  if any((r["run"], r["seed"]) == (name, seed) for r in read_lines(path)):
+    return
+  print(f"\n== {name} ({variant}), seed {seed}", flush=True)
+  workdir, start = _workdir(out, name, seed), time.time()
+  config = variant_config(base_config, overrides, seed)
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    record = training_record([json.loads(line) for line in f])
+  _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
+                 "epochs_budget": config.train.num_epochs, "seconds": round(time.time() - start, 1),
+                 "overrides": overrides})
+  jax.clear_caches()  # each variant compiles new functions; keep memory flat over the study
+
+
+def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds, candidates=None, models=None,
+              budget_epochs: int = COMPUTE_BUDGET_EPOCHS) -> list[dict]:
+  """Runs the protocol (module docstring) for what `<out>` does not have yet; returns the results lines.
+
+  `data_options` are synth_instruments' build options (sizes, augment, ...): the set, and its test pieces with the
+  held-out SoundFont, are built if missing. `candidates` and `models` default to HEAD_CANDIDATES and MODELS.
+  """
+  candidates = HEAD_CANDIDATES if candidates is None else candidates
+  models = MODELS if models is None else models
+  summary = build.build("synth_instruments", base_config.data.data_dir, num_workers=os.cpu_count() or 1,
+                        **data_options)
+  print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
+  # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
+  for seed in selection_seeds:
+    for variant, names in candidates.items():
+      for name, overrides in names.items() if len(names) > 1 else ():
+        _train(base_config, out, variant, name, overrides, seed)
+  chosen = choose(read_lines(os.path.join(out, "runs.jsonl")), candidates, selection_seeds)
+  print("chosen on validation: " + ", ".join(f"{v} {n}" for v, n in chosen.items()), flush=True)
+  final = final_variants(base_config, candidates, chosen, models, budget_epochs)
+  for seed in seeds:
+    for variant, (name, overrides) in final.items():
+      _train(base_config, out, variant, name, overrides, seed)
+  # Only now, once every choice is made and every run trained, the test pieces are read: once per final run.
+  held_out = demo.build_held_out(os.path.join(out, "data_heldout"), data_options)
+  runs = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, "runs.jsonl"))}
+  results_path = os.path.join(out, "results.jsonl")
+  done = {(r["variant"], r["seed"]) for r in read_lines(results_path)}
+  for seed in seeds:
+    for variant, (name, _) in final.items():
+      if (variant, seed) not in done:
+        _append(results_path, {**runs[name, seed], "variant": variant,
+                                **final_scores(_workdir(out, name, seed), held_out)})
+  return read_lines(results_path)
+
+
+def final_scores(workdir: str, held_out_dir) -> dict:
+  """The best checkpoint's headline scores on the test split and, with `held_out_dir`, on its held-out rendering."""
+  scores = evaluation.headline(evaluation.evaluate_checkpoint(workdir, "best", "test")[0])
+  if held_out_dir is not None:
+    result = evaluation.evaluate_checkpoint(workdir, "best", "test", data_dir=held_out_dir)[0]
+    scores.update({HELD_OUT + k: v for k, v in evaluation.headline(result).items()})
+  print(f"{workdir}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+  return scores
+
+
+def summarize(results: list[dict], variants, columns=COLUMNS) -> list[dict]:
   """Per variant (in the given order, those with results): mean and sample standard deviation over seeds."""
   rows = []
   for variant in variants:
@@ -78,11 +262,30 @@ def summarize(results: list[dict], variants) -> list[dict]:
     if not runs:
       continue
     row = {"variant": variant, "seeds": sorted(r["seed"] for r in runs)}
-    for key, _ in COLUMNS:
+    for key, _ in columns:
       values = np.array([r[key] for r in runs if r.get(key) is not None], np.float64)
       if values.size:
         row[key] = (float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else None)
     rows.append(row)
+  return rows
+
+
+def paired_deltas(results: list[dict], variants, key: str, baseline: str = "flat") -> list[dict]:
+  """Per variant but `baseline`: its per-seed deltas against the baseline's run of the same seed (same data order
+  and initialisation), their mean and sample standard deviation, and whether the mean exceeds the seed spread:
+  |mean| > SPREAD_FACTOR × sd / √n (with one seed, never)."""
+  base = {r["seed"]: r[key] for r in results if r["variant"] == baseline and r.get(key) is not None}
+  rows = []
+  for variant in variants:
+    pairs = sorted((r["seed"], r[key] - base[r["seed"]]) for r in results
+                   if variant != baseline and r["variant"] == variant and r.get(key) is not None and r["seed"] in base)
+    if not pairs:
+      continue
+    deltas = np.array([d for _, d in pairs], np.float64)
+    mean = float(deltas.mean())
+    sd = float(deltas.std(ddof=1)) if deltas.size > 1 else None
+    rows.append({"variant": variant, "seeds": [s for s, _ in pairs], "deltas": deltas.tolist(), "mean": mean,
+                 "sd": sd, "exceeds": sd is not None and abs(mean) > SPREAD_FACTOR * sd / math.sqrt(deltas.size)})
   return rows
 
 
@@ -93,53 +296,65 @@ def _cell(stat) -> str:
   return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-  header = "| variant | " + " | ".join(title for _, title in COLUMNS) + " | seeds |"
-  lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
-  for row in rows:
-    cells = [_cell(row.get(key)) for key, _ in COLUMNS]
-    lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
-  return "\n".join(lines)
+def _table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def run_study(base_config, out: str, variants, seeds, data_options: dict) -> list[dict]:
-  """Trains and tests every (variant, seed) not yet in `<out>/results.jsonl`; returns all results.
-
-  `data_options` are synth_instruments' build options (sizes, augment, ...): the set is built if missing.
-  """
-  configs = {(v, s): variant_config(base_config, v, s) for s in seeds for v in variants}  # a bad name fails here
-  summary = build.build("synth_instruments", base_config.data.data_dir, num_workers=os.cpu_count() or 1,
-                        **data_options)
-  print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
-  results_path = os.path.join(out, "results.jsonl")
-  done = {(r["variant"], r["seed"]) for r in read_results(results_path)}
-  # Seed by seed, so that an interrupted study has compared every variant once before it repeats any.
-  todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
-  print(f"{len(variants) * len(seeds) - len(todo)} of {len(variants) * len(seeds)} runs already done; "
-        f"results in {results_path}", flush=True)
-  for i, (variant, seed) in enumerate(todo, 1):
-    print(f"\n== [{i}/{len(todo)}] {variant}, seed {seed}", flush=True)
-    workdir = os.path.join(out, "runs", variant, f"seed_{seed}")
-    start = time.time()
-    valid = train.train_and_evaluate(configs[variant, seed], workdir)
-    result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test")
-    test = evaluation.headline(result)
-    line = {"variant": variant, "seed": seed, **test, "valid_roc_auc": valid.get("roc_auc"),
-            "checkpoint_step": result["checkpoint_step"], "seconds": round(time.time() - start, 1),
-            "overrides": VARIANTS[variant]}
-    print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
-    with open(results_path, "a") as f:
-      f.write(json.dumps(line) + "\n")
-    jax.clear_caches()  # each variant compiles new functions; keep memory flat over the study
-  return read_results(results_path)
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+  return _table(["variant", *(title for _, title in columns), "seeds"],
+                [[row["variant"], *(_cell(row.get(key)) for key, _ in columns), len(row["seeds"])] for row in rows])
 
 
-def write_tables(results: list[dict], out: str, base_config) -> str:
-  heads = markdown_table(summarize(results, HEAD_VARIANTS))
-  models = markdown_table(summarize(results, ["gmp", *MODEL_VARIANTS]))
-  text = (f"## Heads (Spec+Att backbone)\n\n{heads}\n\n## Models (GMP head; `gmp` is Spec+Att)\n\n{models}\n\n"
-          f"Test split, best checkpoint by validation fine ROC-AUC; mean ± sample standard deviation over seeds.\n"
-          f"Budget per run: {base_config.train.num_epochs} epochs, batch {base_config.train.batch_size}.\n")
+def delta_table(results: list[dict], variants, baseline: str) -> str:
+  rows = []
+  for key, title in DELTA_KEYS:
+    for d in paired_deltas(results, variants, key, baseline):
+      rows.append([d["variant"], title, ", ".join(f"{x:+.4f}" for x in d["deltas"]), f"{d['mean']:+.4f}",
+                   "–" if d["sd"] is None else f"{d['sd']:.4f}", "yes" if d["exceeds"] else "no"])
+  return _table(["variant", "score", f"per-seed Δ vs {baseline}", "mean Δ", "sd", "exceeds spread"], rows)
+
+
+def runs_table(results: list[dict], variants) -> str:
+  rows = []
+  for variant in variants:
+    runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
+    if runs:
+      rows.append([variant, runs[0]["run"], f"{runs[0]['parameters']:,}", f"{runs[0]['forward_flops'] / 1e9:.3f}",
+                   runs[0]["epochs_budget"], ", ".join(str(r["best_epoch"]) for r in runs),
+                   ", ".join(str(r["stop_epoch"]) for r in runs), sum(r["stopped_early"] for r in runs)])
+  return _table(["variant", "run", "parameters", "forward GFLOPs / crop", "epoch budget", "best epochs",
+                 "stopping epochs", "stopped early"], rows)
+
+
+def write_tables(results: list[dict], runs: list[dict], out: str, candidates=None, selection_seeds=SELECTION_SEEDS
+                 ) -> str:
+  candidates = HEAD_CANDIDATES if candidates is None else candidates
+  heads = list(candidates)
+  models = ["gmp", *(m for m in MODELS if m != "spec_att")]
+  compute = [f"{m}_compute" for m in MODELS]
+  held_out = tuple((HELD_OUT + key, title) for key, title in COLUMNS)
+  selection = _table(["head", "candidate", "mean valid fine ROC-AUC", "chosen"],
+                     [[r["variant"], r["run"], f"{r['valid_roc_auc']:.4f}", "yes" if r["chosen"] else ""]
+                      for r in selection_table(runs, candidates, selection_seeds)])
+  every = heads + models[1:] + compute
+  text = "\n\n".join([
+      f"## Selection (validation split, seeds {', '.join(map(str, selection_seeds))})", selection,
+      "## Heads (Spec+Att backbone), test split", markdown_table(summarize(results, heads)),
+      "## Heads, the same test pieces rendered with the held-out SoundFont",
+      markdown_table(summarize(results, heads, held_out), held_out),
+      f"## Paired per-seed deltas against flat (exceeds spread: |mean| > {SPREAD_FACTOR:g} × sd / √n)",
+      delta_table(results, heads, "flat"),
+      "## Models (GMP head; `gmp` is Spec+Att), matched capacity: test split",
+      markdown_table(summarize(results, models)),
+      "Held-out SoundFont:", markdown_table(summarize(results, models, held_out), held_out),
+      "Paired per-seed deltas against Spec+Att (`gmp`):", delta_table(results, models, "gmp"),
+      f"## Models, matched compute (the forward FLOPs of {COMPUTE_BUDGET_EPOCHS} epochs of Spec+Att, at most the epoch "
+      "budget): test split", markdown_table(summarize(results, compute)),
+      "Held-out SoundFont:", markdown_table(summarize(results, compute, held_out), held_out),
+      "Paired per-seed deltas against Spec+Att:", delta_table(results, compute, "spec_att_compute"),
+      "## Runs", runs_table(results, every),
+      "Best checkpoint by validation fine ROC-AUC; mean ± sample standard deviation over seeds.\n"])
   path = os.path.join(out, "results.md")
   with open(path, "w") as f:
     f.write(text)
@@ -152,14 +367,13 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   config.data.data_dir = f.data_dir
-  seeds = [int(s) for s in f.seeds]
-  variants = f.variants or list(VARIANTS)
   os.makedirs(f.out, exist_ok=True)
   # The clips of RESULTS.md: the demo's before it had several SoundFonts and augmentations (TimGM6mb alone, not
   # augmented: exactly what synth_instruments 1.0.0 rendered).
-  results = run_study(config, f.out, variants, seeds,
-                      {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test, "augment": False})
-  path = write_tables(results, f.out, config)
+  data_options = {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test, "augment": False}
+  selection_seeds = [int(s) for s in f.selection_seeds]
+  results = run_study(config, f.out, data_options, [int(s) for s in f.seeds], selection_seeds)
+  path = write_tables(results, read_lines(os.path.join(f.out, "runs.jsonl")), f.out, selection_seeds=selection_seeds)
   with open(path) as table:
     print("\n" + table.read())
   print(f"tables: {path}")
@@ -168,11 +382,11 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "study.py"),
                                   "Config shared by every run of the study.", lock_config=True)
-  flags.DEFINE_string("out", "study_out", "Where the runs, results.jsonl and results.md go.")
+  flags.DEFINE_string("out", "study_out", "Where the runs, runs.jsonl, results.jsonl and results.md go.")
   flags.DEFINE_string("data_dir", "study_out/data",
                       "The synthetic set: the demo's clips as RESULTS.md measured them (built here if missing).")
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each variant trains once per seed.")
-  flags.DEFINE_list("variants", [], f"Variants to run (default all): {', '.join(VARIANTS)}.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the final pass; each final variant trains once per seed.")
+  flags.DEFINE_list("selection_seeds", [str(s) for s in SELECTION_SEEDS], "Seeds of the selection pass.")
   flags.DEFINE_integer("num_train", 1000, "Training clips of the synthetic set, if it is built here.")
   flags.DEFINE_integer("num_valid", 100, "Validation clips.")
   flags.DEFINE_integer("num_test", 200, "Test clips.")

@@ -48,7 +48,10 @@ CHANGES = {
     "msd.py:runlocal": {"data.name": "msd", **RUNLOCAL},
     "synth.py:runlocal,resatt": {**SYNTH, **RUNLOCAL, "model.head": "resatt"},
     "demo.py": DEMO,
-    "study.py": {**DEMO, "train.num_epochs": 6, "train.eval_every_epochs": 3, "optim.adam_decay_epochs": 6.0},
+    # The base's validation every epoch and no decay: the study's keys are the demo's but for those.
+    "study.py": {**{k: v for k, v in DEMO.items() if k not in ("train.eval_every_epochs", "optim.adam_decay_epochs")},
+                 "train.num_epochs": 60, "train.early_stopping_patience": 5, "model.cnn_p.channels": 96,
+                 "model.cnn_p.embed_dim": 128},
     "mtat_instruments.py": MTAT_INSTRUMENTS,
     "mtat_instruments.py:flat": {k: v for k, v in MTAT_INSTRUMENTS.items() if k != "model.head"},  # the base's head
     "mtat_instruments.py:resatt,runlocal": {**MTAT_INSTRUMENTS, **RUNLOCAL, "model.head": "resatt"},
