@@ -400,7 +400,8 @@ def centred_excerpt(waveform: np.ndarray, max_seconds: Optional[float]) -> np.nd
 
 
 def example_from_file(item: Item) -> dict:
-  """The example of an audio file (any format `audio.load_audio` reads); payload (labels, clip id, max seconds)."""
+  """The example of an audio file (any format `audio.load_audio` reads); payload (labels, clip id, max seconds or
+  None for the whole file)."""
   labels, clip_id, max_seconds = item.payload
   return to_example(centred_excerpt(audio.load_audio(item.source), max_seconds), labels, clip_id)
 

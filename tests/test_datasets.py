@@ -317,7 +317,7 @@ def test_worker_processes_build_the_same_dataset(msd_tree, msd_data, tmp_path):
 
 
 def test_interrupted_build_is_refused_then_rebuilt(msd_tree, tmp_path, monkeypatch):
-  original = msd._example
+  original = common.example_from_file
   calls = []
 
   def fail_on_third(item):
@@ -326,7 +326,7 @@ def test_interrupted_build_is_refused_then_rebuilt(msd_tree, tmp_path, monkeypat
       raise KeyboardInterrupt
     return original(item)
 
-  monkeypatch.setattr(msd, "_example", fail_on_third)
+  monkeypatch.setattr(common, "example_from_file", fail_on_third)
   with pytest.raises(KeyboardInterrupt):
     build.build("msd", tmp_path, msd_tree[0], num_train=6)
   assert not (tmp_path / "msd" / "1.0.0").exists()  # tfds wrote into a temp dir, removed on the exception
@@ -337,7 +337,7 @@ def test_interrupted_build_is_refused_then_rebuilt(msd_tree, tmp_path, monkeypat
   (tmp_path / "msd" / "incomplete.ABC123_1.0.0" / "msd-train.array_record-00000-of-00001").write_bytes(b"x")
   with pytest.raises(DatasetError, match="did not finish"):
     input_pipeline.dataset_info(tmp_path, "msd")
-  monkeypatch.setattr(msd, "_example", original)
+  monkeypatch.setattr(common, "example_from_file", original)
   summary = build.build("msd", tmp_path, msd_tree[0], num_train=6)
   assert summary["examples"] == {"train": 5, "valid": 2, "test": 3}
   assert not list((tmp_path / "msd").glob("incomplete.*"))

@@ -15,7 +15,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_prep import common
-from flaxtag import audio
 from flaxtag.errors import DatasetError
 
 TAGS = (
@@ -72,11 +71,6 @@ def load_pickle(path: epath.PathLike):
 
 def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _example(item: common.Item) -> dict:
-  labels, track_id = item.payload
-  return common.to_example(audio.load_audio(item.source), labels, track_id)
 
 
 class Msd(common.Builder):
@@ -137,10 +131,10 @@ class Msd(common.Builder):
           missing.append(track)
           self.record_skipped(path, split, common.MISSING)
           continue
-        items[split].append(common.Item(track, path, ((labels != 0).astype(common.LABEL_DTYPE), track)))
+        items[split].append(common.Item(track, path, ((labels != 0).astype(common.LABEL_DTYPE), track, None)))
     common.check_missing_audio(missing, sum(map(len, ids.values())), "msd",
                                f"{root / AUDIO_DIR}/<id[2]>/<id[3]>/<id[4]>/<id>.mp3, or the 7digital path maps")
-    return {split: (split_items, _example) for split, split_items in items.items()}
+    return {split: (split_items, common.example_from_file) for split, split_items in items.items()}
 
   def _path_function(self, root: epath.Path):
     """track id -> its preview's path relative to the audio dir (None: not in the path maps)."""

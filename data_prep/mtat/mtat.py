@@ -133,11 +133,6 @@ def _member_index(archive: zipfile.ZipFile, name: str) -> tuple[dict[str, str], 
   return common.index_archive_members(archive.namelist(), name, key=lambda path: "/".join(path.split("/")[-2:]))
 
 
-def _example_from_file(item: common.Item) -> dict:
-  labels, clip_id = item.payload
-  return common.to_example(audio.load_audio(item.source), labels, clip_id)
-
-
 def _example_from_zip(item: common.Item) -> dict:
   parts, member, labels, clip_id = item.payload
   try:
@@ -209,8 +204,8 @@ class Mtat(common.Builder):
     if all((root / d).is_dir() for d in FOLDERS):
       def locate(mp3_path, labels, clip_id):
         path = root / mp3_path
-        return common.Item(clip_id, os.fspath(path), (labels, clip_id)) if path.exists() else None
-      return locate, _example_from_file, f"{root}/<0-f>/<file>.mp3"
+        return common.Item(clip_id, os.fspath(path), (labels, clip_id, None)) if path.exists() else None
+      return locate, common.example_from_file, f"{root}/<0-f>/<file>.mp3"
     present = [p for p in ZIP_PARTS if (root / p).exists()]
     if present or (root / "mp3.zip").exists():
       parts = tuple(os.fspath(root / p) for p in ZIP_PARTS) if present else (os.fspath(root / "mp3.zip"),)
