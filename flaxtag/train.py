@@ -332,15 +332,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if epoch_end and (epoch % config.train.eval_every_epochs == 0 or step == run.total_steps):
         result = validate(run, predict_step, state)
         scalars = evaluation.headline(result)
+        roc_auc = _finite_or_none(scalars["roc_auc"])
         writer.write(step, "valid", {**scalars, "epoch": epoch})
         if jax.process_index() == 0:
           bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-        if warning := divergence.validated(step, _finite_or_none(scalars["roc_auc"])):
+        if warning := divergence.validated(step, roc_auc):
           if jax.process_index() == 0:
             bar.write(f"warning: {warning}", file=sys.stderr)  # on a line of its own, not after the progress bar
           writer.write(step, "warning", {"warning": "diverged", "message": warning})
-        _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: _finite_or_none(scalars["roc_auc"])})
-        early_stopping.validated(step, _finite_or_none(scalars["roc_auc"]))
+        _save(manager, run, state, data_iterator, metrics={checkpoint.BEST_METRIC: roc_auc})
+        early_stopping.validated(step, roc_auc)
         if early_stopping.due():
           writer.write(step, "early_stop", {"epoch": epoch, "best_step": early_stopping.best and early_stopping.best[1],
                                             "message": early_stopping.message(step)})
