@@ -50,6 +50,14 @@ def _save(result: dict, path: str) -> None:
   print(f"report: {path}")
 
 
+def build_synth(data_dir: str, options: dict) -> dict:
+  """Builds synth_instruments with `options` into `data_dir` on every core (a complete build with the same options is
+  reused), says which, and returns the build summary."""
+  summary = build.build("synth_instruments", data_dir, num_workers=os.cpu_count() or 1, **options)
+  print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
+  return summary
+
+
 def build_held_out(data_dir: str, options: dict) -> Optional[str]:
   """Renders the test pieces of the dataset built with `options` (synth_instruments' build options) with the held-out
   SoundFont into `data_dir`; returns it, or None (with a note) where that SoundFont is not installed.
@@ -62,15 +70,14 @@ def build_held_out(data_dir: str, options: dict) -> Optional[str]:
   if soundfont is None:
     print(f"note: skipped: {HELD_OUT_SOUNDFONT} (apt-get install fluid-soundfont-gm) is not installed")
     return None
-  summary = build.build("synth_instruments", data_dir, num_workers=os.cpu_count() or 1,
-                        **{**options, "num_train": 1, "num_valid": 1, "soundfont": [soundfont]})
-  print(("reused " if summary.get("reused") else "built ") + summary["path"])
+  build_synth(data_dir, {**options, "num_train": 1, "num_valid": 1, "soundfont": [soundfont]})
   return data_dir
 
 
-def evaluate_held_out(workdir: str, out: str, sizes: dict) -> Optional[dict]:
-  """The best checkpoint on the test pieces rendered with the held-out SoundFont (`build_held_out`); None without it."""
-  data_dir = build_held_out(os.path.join(out, "data_heldout"), {**sizes, "augment": True})
+def evaluate_held_out(workdir: str, out: str, options: dict) -> Optional[dict]:
+  """The best checkpoint on the test pieces of the dataset built with `options`, rendered with the held-out
+  SoundFont (`build_held_out`); None without it."""
+  data_dir = build_held_out(os.path.join(out, "data_heldout"), options)
   if data_dir is None:
     return None
   result, _, _ = evaluation.evaluate_checkpoint(workdir, "best", "test", data_dir=data_dir)
@@ -94,9 +101,8 @@ def run(config, out: str, sizes: dict) -> None:
   step(f"1/6 dataset: synth_instruments ({sizes['num_train']} / {sizes['num_valid']} / {sizes['num_test']} clips)")
   soundfonts = training_soundfonts()
   print(f"SoundFonts: {', '.join(os.path.basename(p) for p in soundfonts)}; augmented")
-  summary = build.build("synth_instruments", config.data.data_dir, num_workers=os.cpu_count() or 1,
-                        soundfont=soundfonts, augment=True, **sizes)
-  print(("reused " if summary.get("reused") else "built ") + summary["path"])
+  options = {**sizes, "soundfont": soundfonts, "augment": True}
+  build_synth(config.data.data_dir, options)
 
   workdir = os.path.join(out, "run")
   step(f"2/6 train: Spec+Att, {config.model.head} head, {jax.device_count()} {jax.devices()[0].platform} devices "
@@ -110,7 +116,7 @@ def run(config, out: str, sizes: dict) -> None:
   _save(result, report_path)
 
   step(f"4/6 the same test pieces rendered with a SoundFont the model never heard ({HELD_OUT_SOUNDFONT})")
-  held_out = evaluate_held_out(workdir, out, sizes)
+  held_out = evaluate_held_out(workdir, out, options)
   if held_out is not None:
     print(compare(result, held_out))
 

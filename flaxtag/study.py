@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from data_prep import build
 from data_prep.synth_instruments import render
 from flaxtag import cli, demo, sharding, train
 from flaxtag import eval as evaluation
@@ -200,8 +199,7 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
   workdir, start = _workdir(out, name, seed), time.time()
   config = variant_config(base_config, overrides, seed)
   train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    record = training_record([json.loads(line) for line in f])
+  record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
                  "epochs_budget": config.train.num_epochs, "seconds": round(time.time() - start, 1),
                  "overrides": overrides})
@@ -217,9 +215,7 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   """
   candidates = HEAD_CANDIDATES if candidates is None else candidates
   models = MODELS if models is None else models
-  summary = build.build("synth_instruments", base_config.data.data_dir, num_workers=os.cpu_count() or 1,
-                        **data_options)
-  print(("reused " if summary.get("reused") else "built ") + summary["path"], flush=True)
+  demo.build_synth(base_config.data.data_dir, data_options)
   # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
   for seed in selection_seeds:
     for variant, names in candidates.items():
