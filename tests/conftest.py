@@ -1,10 +1,28 @@
-"""Test set-up: 8 CPU devices, so that meshes and sharding are real, before JAX initialises its backend."""
+"""Test set-up: 8 CPU devices, so that meshes and sharding are real, before JAX initialises its backend; and one XLA
+compilation cache for the session and every command it starts."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile the same tiny models again and again, in this process and in the commands they run (most of the
+# suite's time was compiling). JAX's persistent cache, in a directory of this session only, keeps one compilation of
+# each program; the environment carries it to the subprocesses.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="flaxtag-tests-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+else:
+  _SESSION_CACHE = None
 
 import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
