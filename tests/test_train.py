@@ -37,7 +37,9 @@ def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data
   """2 processes × 4 devices: SIGTERM to one process only, or to both at different moments, makes both save the
   same step and exit with status 0; resuming after each stop ends where an uninterrupted run (1 × 8) does."""
   workdir = tmp_path / "stopped"
-  stops = [[1], [0], [1, 0]]  # which processes get SIGTERM, one step apart
+  # Which processes get SIGTERM, one step apart: the second process alone; then the coordinator, then the other
+  # (whose signal may come after the run stopped).
+  stops = [[1], [0, 1]]
   saved_steps, exit_seconds = [], []
   for n, signalled in enumerate(stops):
     before = records(workdir, "train")[-1]["step"] if saved_steps else 0
