@@ -6,7 +6,7 @@ never heard (FluidR3_GM, held out: never trained on, no setting chosen on it), t
 the attention heat maps, printing where each result is. Every step reuses what a previous run left in demo_out/ (a
 complete dataset, a finished or interrupted training run).
 
-  python -m flaxtag.demo [--out demo_out] [--num_train 1000 ...] [--config.train.num_epochs=...]
+  python -m flaxtag.demo [--out demo_out] [--num_train 1500 ...] [--config.train.num_epochs=...]
 """
 import json
 import os
@@ -154,7 +154,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
                                   "Config of the demo run.", lock_config=True)
   flags.DEFINE_string("out", "demo_out", "Where the dataset, run, report and figures go.")
-  flags.DEFINE_integer("num_train", 1000, "Training clips of the synthetic set.")
+  flags.DEFINE_integer("num_train", 1500, "Training clips of the synthetic set.")
   flags.DEFINE_integer("num_valid", 100, "Validation clips.")
   flags.DEFINE_integer("num_test", 200, "Test clips.")
   cli.run(main)
