@@ -19,6 +19,16 @@ else:
 import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
+# `make test` shares whole files between two pytest-xdist workers in collection order: the longest files go first,
+# so that none of them starts last and runs alone.
+LONGEST_FILES_FIRST = ("test_slurm.py", "test_train.py", "test_topology.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _SESSION_CACHE:

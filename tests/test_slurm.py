@@ -77,17 +77,17 @@ def test_sbatch_two_tasks_requeue_and_scancel_resume_exactly(slurm_cluster, synt
   # 1. scontrol requeue: both tasks save one step and exit; SLURM starts the job again and it resumes.
   _wait(lambda: last_logged_step(workdir) >= 2, "the first training steps")
   _sh("scontrol", "requeue", job)
-  _wait(lambda: len(_saved_steps(log_path.read_text())) == 2, "both tasks to save after the requeue", timeout=120)
+  _wait(lambda: len(_saved_steps(log_path.read_text())) == 2, "both tasks to save after the requeue", timeout=300)
   first_stop = _saved_steps(log_path.read_text())
   # Released at once: SLURM holds a requeued job back for a while before it may start again.
-  _wait(lambda: _job_state(job) == "PENDING", "the job to be requeued", timeout=120)
+  _wait(lambda: _job_state(job) == "PENDING", "the job to be requeued", timeout=300)
   subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
   saved = int(first_stop[0][1])
   _wait(lambda: last_logged_step(workdir) > saved, "the requeued job to resume")
 
   # 2. scancel --signal=TERM: both tasks save one step and exit 0; resubmitting finishes the run.
   _sh("scancel", "--signal=TERM", job)
-  _wait(lambda: _job_state(job) not in ("RUNNING", "COMPLETING", "PENDING"), "the job to end", timeout=120)
+  _wait(lambda: _job_state(job) not in ("RUNNING", "COMPLETING", "PENDING"), "the job to end", timeout=300)
   log = log_path.read_text()
   assert _job_state(job) == "COMPLETED", log[-3000:]
   second_stop = _saved_steps(log)[2:]

@@ -80,7 +80,7 @@ def _stop_with_sigterm(command, devices, workdir, at_step):
   process = subprocess.Popen(command, cwd=REPO, env=devices_env(devices), stderr=subprocess.PIPE, text=True)
   wait_for(lambda: last_logged_step(workdir) >= at_step, process)
   process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 0, process.stderr.read()[-3000:]
+  assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
   saved = checkpoint.open_manager(workdir, read_only=True).latest_step()
   assert saved == records(workdir, "train")[-1]["step"]  # saved where it stopped
   return saved

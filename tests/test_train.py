@@ -53,7 +53,7 @@ def test_stop_request_to_one_or_both_processes_saves_one_step_for_all(synth_data
       processes[i].send_signal(signal.SIGTERM)
     started = time.time()
     for p, log in zip(processes, logs):
-      assert p.wait(timeout=120) == 0, log.read_text()[-3000:]
+      assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
     exit_seconds.append(time.time() - started)
     steps = [re.findall(r"saved step (\d+)", log.read_text()) for log in logs]
     assert all(len(s) == 1 for s in steps) and steps[0] == steps[1], steps  # both processes saved the same step
