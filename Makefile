@@ -49,7 +49,7 @@ PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 test: $(VENV)/.installed-$(TEST_EXTRAS) system-deps soundfonts
 	$(PYTEST) tests
 
-# While editing: every test but those marked slow (`@pytest.mark.slow`), in under two minutes on 2 cores.
+# While editing: every test but those marked slow (`@pytest.mark.slow`), about 5 min on 2 cores (6 in one process).
 test-fast: $(VENV)/.installed-$(TEST_EXTRAS) system-deps soundfonts
 	$(PYTEST) -m "not slow" tests
 
