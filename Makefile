@@ -42,7 +42,7 @@ soundfonts:
 	fi
 
 # Two pytest-xdist workers, whole test files at a time: most tests wait on compiles and subprocesses, so two share
-# the 2 cores well (18.1 min against 25–27 in one process). PYTEST_WORKERS=0 runs them in this process.
+# the 2 cores well (14–18 min against 25–27 in one process). PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
