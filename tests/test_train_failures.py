@@ -40,21 +40,24 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(path)], check=False)
 
 
-def _allocated_kib(path) -> int:
-  return sum(os.stat(os.path.join(root, name)).st_blocks for root, _, names in os.walk(path) for name in names) // 2
+def _disk_use(path) -> tuple[int, int]:
+  """(apparent bytes, allocated KiB) of the files under `path`: the run checks for room with the first (file sizes);
+  a tmpfs fills by the second (blocks)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+  return sum(os.path.getsize(f) for f in files), sum(os.stat(f).st_blocks for f in files) // 2
 
 
-def _apparent_bytes(path) -> int:
-  """The size of the files under `path`: what the run takes as the size of a step when it checks for room."""
-  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+def _saved_step_dirs(workdir) -> list[str]:
+  manager = checkpoint.open_manager(workdir, read_only=True)
+  return [os.path.join(checkpoint.checkpoint_dir(workdir), str(s)) for s in manager.all_steps()]
 
 
 def test_a_save_that_cannot_fit_is_refused_and_keeps_the_saved_steps(trained_run, synth_data_dir, small_disk):
   """The finished run, copied to a disk then filled to half a step's room and resumed for one more epoch: the run
   refuses to start the save it cannot finish, in one line, and keeps what it had."""
   saved = checkpoint.open_manager(trained_run[0], read_only=True).all_steps()
-  step_bytes = max(_apparent_bytes(os.path.join(checkpoint.checkpoint_dir(trained_run[0]), str(s))) for s in saved)
-  disk = small_disk((_allocated_kib(trained_run[0]) + 2 * step_bytes // 1024) + 1024)
+  step_bytes = max(_disk_use(step_dir)[0] for step_dir in _saved_step_dirs(trained_run[0]))
+  disk = small_disk((_disk_use(trained_run[0])[1] + 2 * step_bytes // 1024) + 1024)
   workdir = disk / "run"
   shutil.copytree(trained_run[0], workdir)
   with open(disk / "filler", "wb") as filler:  # leaves half a step free
@@ -81,7 +84,7 @@ def test_a_full_disk_during_the_first_save_is_one_error(trained_run, synth_data_
   """A disk too small for the first step: orbax's write fails, and is reported in one line."""
   # A fresh run's first step has measured from well under 0.8 to over 1.5 of the finished run's steps (its compressed
   # arrays differ): a tenth of one never holds it; the 64 KiB are for the logs written before it.
-  step_kib = max(_allocated_kib(os.path.join(checkpoint.checkpoint_dir(trained_run[0]), str(s))) for s in (4, 6))
+  step_kib = max(_disk_use(step_dir)[1] for step_dir in _saved_step_dirs(trained_run[0]))
   workdir = small_disk(int(step_kib * 0.1) + 64) / "run"
   done = subprocess.run(train_command(synth_data_dir, workdir), cwd=REPO, capture_output=True, text=True,
                         check=False)
