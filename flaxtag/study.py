@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from data_prep.synth_instruments import render
-from flaxtag import cli, demo, sharding, train
+from data_prep.synth_instruments import builds, render
+from flaxtag import cli, sharding, train
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError
 from flaxtag.hierarchy import Hierarchy
@@ -215,7 +215,7 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   """
   candidates = HEAD_CANDIDATES if candidates is None else candidates
   models = MODELS if models is None else models
-  demo.build_synth(base_config.data.data_dir, data_options)
+  builds.build_set(base_config.data.data_dir, data_options)
   # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
   for seed in selection_seeds:
     for variant, names in candidates.items():
@@ -228,7 +228,7 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
     for variant, (name, overrides) in final.items():
       _train(base_config, out, variant, name, overrides, seed)
   # Only now, once every choice is made and every run trained, the test pieces are read: once per final run.
-  held_out = demo.build_held_out(os.path.join(out, "data_heldout"), data_options)
+  held_out = builds.build_held_out(os.path.join(out, "data_heldout"), data_options)
   runs = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, "runs.jsonl"))}
   results_path = os.path.join(out, "results.jsonl")
   done = {(r["variant"], r["seed"]) for r in read_lines(results_path)}

@@ -8,8 +8,8 @@ import pytest
 
 import train_runs
 from configs import study as study_config
-from data_prep.synth_instruments import render
-from flaxtag import demo, study
+from data_prep.synth_instruments import builds, render
+from flaxtag import study
 from flaxtag import eval as evaluation
 from flaxtag import train
 from flaxtag.errors import ConfigError
@@ -186,7 +186,7 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   assert all(e[0] == "test" for e in events[first_test:])
   tested = {e[1] for e in events[first_test:]}
   assert tested == {str(tmp_path / "runs" / n / "seed_0") for n in ("flat", chosen)}
-  held_out = render.find_soundfont(demo.HELD_OUT_SOUNDFONT) is not None
+  held_out = render.find_soundfont(builds.HELD_OUT_SOUNDFONT) is not None
   assert len(events[first_test:]) == 2 * (2 if held_out else 1)
   assert sorted((r["variant"], r["seed"], r["run"]) for r in results) == [("flat", 0, "flat"), ("gmp", 0, chosen)]
   assert all(("heldout_roc_auc" in r) == held_out and "coarse_roc_auc" in r for r in results)
@@ -223,7 +223,7 @@ def test_results_md_has_the_selection_the_tables_the_deltas_and_the_runs(tmp_pat
 
 def test_held_out_build_is_skipped_with_a_note_without_the_soundfont(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(render, "find_soundfont", lambda filename: None)
-  assert demo.build_held_out(str(tmp_path / "heldout"), {"num_test": 8}) is None
+  assert builds.build_held_out(str(tmp_path / "heldout"), {"num_test": 8}) is None
   note = "note: skipped: FluidR3_GM.sf2 (apt-get install fluid-soundfont-gm) is not installed"
   assert note in capsys.readouterr().out
   assert not (tmp_path / "heldout").exists()
