@@ -190,12 +190,31 @@ def _workdir(out: str, name: str, seed: int) -> str:
   return os.path.join(out, "runs", name, f"seed_{seed}")
 
 
-def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed: int) -> None:
+def planned_runs(candidates: dict, models: dict, seeds, selection_seeds) -> int:
+  """How many training runs `run_study` makes: every candidate of a head with more than one for each selection seed;
+  in the final pass, each head for each seed its selection did not train (a head with one candidate has no
+  selection), and with `models` the other models at matched capacity and all of them at matched compute."""
+  selection = sum(len(names) * len(selection_seeds) for names in candidates.values() if len(names) > 1)
+  heads = sum(len(set(seeds) - (set(selection_seeds) if len(names) > 1 else set())) for names in candidates.values())
+  return selection + heads + ((2 * len(models) - 1) * len(seeds) if models else 0)
+
+
+def progress(runs: list[dict], total: int) -> str:
+  """'[k/total]' for the next run, and the time left at the mean time of the finished runs."""
+  line = f"[{len(runs) + 1}/{total}]"
+  if runs:
+    mean = float(np.mean([r["seconds"] for r in runs]))
+    line += f", about {(total - len(runs)) * mean / 3600:.1f} h left at {mean / 60:.0f} min a run"
+  return line
+
+
+def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed: int, total: int) -> None:
   """Trains one run unless `<out>/runs.jsonl` has it; appends its line there."""
   path = os.path.join(out, "runs.jsonl")
-  if any((r["run"], r["seed"]) == (name, seed) for r in read_lines(path)):
+  runs = read_lines(path)
+  if any((r["run"], r["seed"]) == (name, seed) for r in runs):
     return
-  print(f"\n== {name} ({variant}), seed {seed}", flush=True)
+  print(f"\n== {name} ({variant}), seed {seed} {progress(runs, total)}", flush=True)
   workdir, start = _workdir(out, name, seed), time.time()
   config = variant_config(base_config, overrides, seed)
   train.train_and_evaluate(config, workdir)
@@ -216,17 +235,18 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   candidates = HEAD_CANDIDATES if candidates is None else candidates
   models = MODELS if models is None else models
   builds.build_set(base_config.data.data_dir, data_options)
+  total = planned_runs(candidates, models, seeds, selection_seeds)
   # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
   for seed in selection_seeds:
     for variant, names in candidates.items():
       for name, overrides in names.items() if len(names) > 1 else ():
-        _train(base_config, out, variant, name, overrides, seed)
+        _train(base_config, out, variant, name, overrides, seed, total)
   chosen = choose(read_lines(os.path.join(out, "runs.jsonl")), candidates, selection_seeds)
   print("chosen on validation: " + ", ".join(f"{v} {n}" for v, n in chosen.items()), flush=True)
   final = final_variants(base_config, candidates, chosen, models, budget_epochs)
   for seed in seeds:
     for variant, (name, overrides) in final.items():
-      _train(base_config, out, variant, name, overrides, seed)
+      _train(base_config, out, variant, name, overrides, seed, total)
   # Only now, once every choice is made and every run trained, the test pieces are read: once per final run.
   held_out = builds.build_held_out(os.path.join(out, "data_heldout"), data_options)
   runs = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, "runs.jsonl"))}

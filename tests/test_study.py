@@ -2,6 +2,7 @@
 validation only, reads the test split once at the end, and resumes."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,8 +153,22 @@ def test_tables_report_mean_and_sample_std_over_seeds():
   assert table[3] == "| gmp | 0.9300 ± 0.0200 | 0.5000 ± 0.0000 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | 0.0000 ± 0.0000 | 3 |"
 
 
+def test_progress_counts_the_runs_and_the_time_left():
+  assert study.progress([], 5) == "[1/5]"
+  assert study.progress([{"seconds": 900.0}, {"seconds": 1100.0}], 5) == "[3/5], about 0.8 h left at 17 min a run"
+  # The full study: 16 candidates x 2 selection seeds; flat x 3 seeds, the 5 chosen heads x the third seed; 3 models
+  # at matched capacity and 4 at matched compute, x 3 seeds.
+  assert study.planned_runs(study.HEAD_CANDIDATES, study.MODELS, [0, 1, 2], [0, 1]) == 32 + 3 + 5 + 21
+
+
+def _announced(out: str) -> list[str]:
+  """The '[k/total]' of every run the study announced."""
+  return re.findall(r"^== .*, seed \d+ \[(\d+/\d+)\]", out, re.MULTILINE)
+
+
 @pytest.mark.slow
-def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_data_dir, tmp_path, monkeypatch):
+def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_data_dir, tmp_path, monkeypatch,
+                                                                          capsys):
   """A tiny study end to end: selection of gmp's coarse weight, the final pass of flat and the chosen gmp (reusing
   its selection run: one seed for both passes, to keep this short), then the test split and its held-out rendering,
   read only for the final runs and only after every run trained; a rerun trains and evaluates nothing."""
@@ -179,6 +194,7 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   chosen = study.choose(runs, candidates, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
   assert trained == [("gmp_cw0.5", 0), ("gmp_cw1", 0), ("flat", 0)]  # the chosen gmp run is reused
+  assert _announced(capsys.readouterr().out) == ["1/3", "2/3", "3/3"]
   # Patience 1: a run stops one validation after its best, or at its last epoch.
   assert all(r["stop_epoch"] == (r["best_epoch"] + 1 if r["stopped_early"] else 2) for r in runs)
   first_test = next(i for i, e in enumerate(events) if e[0] == "test")
@@ -230,7 +246,7 @@ def test_held_out_build_is_skipped_with_a_note_without_the_soundfont(tmp_path, m
 
 
 @pytest.mark.slow
-def test_protocol_trains_and_tests_the_models_at_matched_capacity_and_compute(synth_data_dir, tmp_path):
+def test_protocol_trains_and_tests_the_models_at_matched_capacity_and_compute(synth_data_dir, tmp_path, capsys):
   """The models' part of the final pass on the tiny model: Raw+CNN L beside Spec+Att at matched capacity, and both at
   matched compute (1 epoch of Spec+Att's FLOPs; Raw+CNN L's cheaper forward gets more epochs, up to the budget)."""
   config = train_runs.run_config(synth_data_dir, **{"train.num_epochs": 2, "train.early_stopping_patience": 1})
@@ -238,6 +254,7 @@ def test_protocol_trains_and_tests_the_models_at_matched_capacity_and_compute(sy
   models = {"spec_att": {}, "raw_cnnl": study.MODELS["raw_cnnl"]}
   results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [], candidates, models, budget_epochs=1)
   assert [r["variant"] for r in results] == ["gmp", "raw_cnnl", "spec_att_compute", "raw_cnnl_compute"]
+  assert _announced(capsys.readouterr().out) == ["1/4", "2/4", "3/4", "4/4"]
   by_variant = {r["variant"]: r for r in results}
   flops = {v: by_variant[v]["forward_flops"] for v in ("gmp", "raw_cnnl")}
   assert by_variant["spec_att_compute"]["epochs_budget"] == 1
