@@ -330,7 +330,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if is_complete(path) and not overwrite:
       summary = json.loads((path / BUILD_SUMMARY_FILE).read_text())
       self._check_reusable(path, summary)
-      summary["reused"] = True
+      # Where the dataset is now: a dataset dir moved since its build keeps its old paths in the summary file.
+      summary.update(reused=True, path=os.fspath(path), manifest=os.fspath(path / SKIPPED_FILES_FILE))
       return summary
     # Every check of the raw data runs before anything is written.
     self._skipped_while_planning = []

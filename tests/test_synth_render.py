@@ -1,5 +1,6 @@
 """synth_instruments' timbre diversity: several SoundFonts, augmentations, and the held-out SoundFont's build."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,12 @@ def test_a_build_with_other_options_is_not_reused(tmp_path):
   sizes = {"num_train": 1, "num_valid": 1, "num_test": 1, "seed": 2, "clip_seconds": 0.5, "num_workers": 1}
   assert not build.build("synth_instruments", tmp_path, **sizes).get("reused")
   assert build.build("synth_instruments", tmp_path, **sizes).get("reused")
+  moved = tmp_path.with_name(tmp_path.name + "_moved")  # a reused build says where it is now, not where it was built
+  shutil.move(tmp_path, moved)
+  summary = build.build("synth_instruments", moved, **sizes)
+  assert summary["reused"] and summary["path"].startswith(os.fspath(moved) + os.sep)
+  assert os.path.isfile(summary["manifest"])
+  shutil.move(moved, tmp_path)
   with pytest.raises(DatasetError, match=r"was built with augment=True; this build asks for augment=False\. Pass "
                                          r"--overwrite"):
     build.build("synth_instruments", tmp_path, augment=False, **sizes)
