@@ -102,11 +102,10 @@ def run(config, out: str, sizes: dict) -> None:
 
 def main(argv):
   del argv
-  # On a CPU-only machine JAX sees one device; split the CPU into 8 so the demo runs the data-parallel mesh a GPU
-  # cluster would.
-  sharding.split_cpu(8)
   f = flags.FLAGS
   config = f.config
+  # On a CPU-only machine JAX sees one device: one per core makes the steps data-parallel, as on a GPU cluster.
+  sharding.split_cpu(sharding.cpu_devices_dividing(config.train.batch_size))
   config.data.data_dir = os.path.join(f.out, "data")
   run(config, f.out, {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test})
 

@@ -34,6 +34,15 @@ def split_cpu(num_devices: int | None = None) -> None:
     pass  # JAX has started already (a library call in someone's process): its devices stay as they are
 
 
+def cpu_devices_dividing(batch_size: int, cores: int | None = None) -> int:
+  """One CPU device per core (default: the cores this process may run on), as many as split a batch of `batch_size`
+  evenly: the largest divisor of `batch_size` not above the core count. More devices than cores slow a step (the
+  demo's train step on 2 cores: 15–25 % longer on 8 devices than on 1 or 2, benchmarks/demo_devices.py), and one per
+  core lets the evaluation's forward use every core (BENCHMARKS.md, inference)."""
+  cores = cores or len(os.sched_getaffinity(0))
+  return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1):
   """Joins a multi-process run. With no arguments it joins only inside an `srun` step of several tasks or on a
   Cloud TPU pod, where JAX finds the coordinator itself; on one machine give the coordinator (e.g.

@@ -379,9 +379,9 @@ def write_tables(results: list[dict], runs: list[dict], out: str, candidates=Non
 
 def main(argv):
   del argv
-  sharding.split_cpu(8)  # the demo's 8 CPU devices (flaxtag.demo): the runs it measures are the demo's
   f = flags.FLAGS
   config = f.config
+  sharding.split_cpu(sharding.cpu_devices_dividing(config.train.batch_size))  # as flaxtag.demo: its runs are the demo's
   config.data.data_dir = f.data_dir
   os.makedirs(f.out, exist_ok=True)
   # The clips of RESULTS.md: the demo's before it had several SoundFonts and augmentations (TimGM6mb alone, not

@@ -32,6 +32,11 @@ def test_a_task_uses_every_gpu_bound_to_it():
   assert sharding.slurm_local_device_ids({**STEP, "SLURM_NTASKS": "2"}) is None  # CPU nodes
 
 
+def test_cpu_devices_dividing_is_one_per_core_and_splits_the_batch_evenly():
+  assert [sharding.cpu_devices_dividing(8, cores) for cores in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
+  assert sharding.cpu_devices_dividing(12, 5) == 4 and sharding.cpu_devices_dividing(7, 4) == 1
+
+
 def _devices_after_split_cpu(xla_flags):
   """jax.device_count() of a fresh process that calls split_cpu(3) before JAX starts, under `xla_flags`."""
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
