@@ -56,7 +56,7 @@ test-fast: $(VENV)/.installed-$(TEST_EXTRAS) system-deps soundfonts
 demo: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps soundfonts
 	$(PY) -m flaxtag.demo
 
-# The heads study of RESULTS.md (about a day on a 2-core CPU, an estimate; resumable: rerun to continue).
+# The heads study of RESULTS.md (61 runs, about 16 h on a 2-core CPU; resumable: rerun to continue).
 study: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
 	$(PY) -m flaxtag.study
 
