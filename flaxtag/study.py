@@ -1,6 +1,6 @@
 """The hierarchical-heads study of RESULTS.md: does joint training (GMP, ResAtt, ...) beat no joint training (flat)?
 
-  python -m flaxtag.study [--out study_out] [--seeds 0,1,2] [--selection_seeds 0,1] [--config.train.num_epochs=60]
+  python -m flaxtag.study [--out study_out] [--seeds 0,1,2] [--selection_seeds 0,1] [--config.train.num_epochs=80]
 
 Every run trains the study's Spec+Att backbone (configs/study.py) until early stopping on the validation fine
 ROC-AUC. The protocol reads the test split once, at the end:

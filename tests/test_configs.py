@@ -50,7 +50,7 @@ CHANGES = {
     "demo.py": DEMO,
     # The base's validation every epoch and no decay: the study's keys are the demo's but for those.
     "study.py": {**{k: v for k, v in DEMO.items() if k not in ("train.eval_every_epochs", "optim.adam_decay_epochs")},
-                 "train.num_epochs": 60, "train.early_stopping_patience": 5, "model.cnn_p.channels": 96,
+                 "train.num_epochs": 80, "train.early_stopping_patience": 5, "model.cnn_p.channels": 96,
                  "model.cnn_p.embed_dim": 128},
     "mtat_instruments.py": MTAT_INSTRUMENTS,
     "mtat_instruments.py:flat": {k: v for k, v in MTAT_INSTRUMENTS.items() if k != "model.head"},  # the base's head
