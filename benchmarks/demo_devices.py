@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 
+from train_throughput import load_average  # noqa: E402  (this folder is on sys.path when the script runs)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def time_steps(steps: int) -> dict:
   """Median seconds per step of the demo's jit-compiled train step over this process's devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
   from configs import demo  # pylint: disable=g-import-not-at-top
   from data_prep.synth_instruments import render  # pylint: disable=g-import-not-at-top
@@ -29,6 +30,7 @@ def time_steps(steps: int) -> dict:
   from flaxtag.hierarchy import Hierarchy  # pylint: disable=g-import-not-at-top
   from flaxtag.models import tagger  # pylint: disable=g-import-not-at-top
   from flaxtag.train_step import create_train_state, make_train_step  # pylint: disable=g-import-not-at-top
+  from train_throughput import block, random_batch  # pylint: disable=g-import-not-at-top
 
   config = demo.get_config()
   hierarchy = Hierarchy.from_mapping(render.hierarchy())
@@ -37,21 +39,14 @@ def time_steps(steps: int) -> dict:
   tx = optim.make_optimizer(optim.in_steps(config.optim, 1500 // config.train.batch_size))
   state = create_train_state(model, tx, jax.random.key(0), mesh)
   step = make_train_step(model, tx, 0, mesh)
-  rng = np.random.default_rng(0)
   size = config.train.batch_size
-  batch = jax.device_put({
-      "audio": 0.1 * rng.standard_normal((size, tagger.crop_samples(model)), np.float32),
-      "labels": (rng.random((size, hierarchy.num_fine)) < 0.1).astype(np.float32),
-      "coarse_labels": (rng.random((size, hierarchy.num_coarse)) < 0.2).astype(np.float32)},
-      sharding.batch_sharding(mesh))
+  batch = random_batch(model, size, hierarchy.num_fine, mesh)  # coarse targets derived from the fine ones
   for _ in range(3):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
+    state, _ = block(step(state, batch))
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+    state, _ = block(step(state, batch))
     times.append(time.perf_counter() - start)
   return {"devices": jax.device_count(), "batch_size": size, "s_per_step": statistics.median(times)}
 
@@ -67,7 +62,7 @@ def main():
     print(json.dumps(time_steps(args.steps)))
     return
   counts = [int(c) for c in args.counts.split(",")]
-  print(f"load average before: {os.getloadavg()[0]:.2f}")
+  print(f"load average before: {load_average()[0]:.2f}")
   results = {c: [] for c in counts}
   for round_index in range(args.rounds):
     order = counts if round_index % 2 == 0 else counts[::-1]
@@ -79,7 +74,7 @@ def main():
       seconds, size = result["s_per_step"], result["batch_size"]
       results[count].append(seconds)
       print(f"round {round_index + 1}, {count} devices: {seconds:.4f} s/step", flush=True)
-  print(f"load average after: {os.getloadavg()[0]:.2f}")
+  print(f"load average after: {load_average()[0]:.2f}")
   for count, seconds in results.items():
     best = statistics.median(seconds)
     print(f"{count} devices: median {best:.4f} s/step ({size / best:.1f} examples/s at batch {size}), runs "
