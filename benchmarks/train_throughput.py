@@ -47,7 +47,8 @@ from flaxtag.models import frontends, layers, tagger  # noqa: E402
 MODELS = {"spec_att": ("spec", "attention"), "raw_att": ("raw", "attention"), "spec_cnnp": ("spec", "cnn_p"),
           "raw_cnnl": ("raw", "cnn_l")}
 LABELS = {"spec_att": "Spec+Att", "raw_att": "Raw+Att", "spec_cnnp": "Spec+CNN P", "raw_cnnl": "Raw+CNN L"}
-REFERENCE_SAMPLES_PER_S = 3.9  # A's PyTorch Spec+Att, batch 16, on this CPU kind (SPEC §3).
+# A's PyTorch Spec+Att, batch 16, on SPEC §3's 2-core AVX2 CPU; torch_reference.py measures it on the machine at hand.
+REFERENCE_SAMPLES_PER_S = 3.9
 REFERENCE_MFU = 0.26
 SPEC_GFLOP_PER_SAMPLE = 11.4  # SPEC §3's fwd+bwd figure for Spec+Att, from which the reference's 26 % was derived.
 
@@ -293,10 +294,11 @@ def main(argv=None):
   spec_att = [r for r in results if r["model"] == "spec_att"]
   if on_cpu and not args.half_precision and spec_att and args.batch_size == 16:
     r = spec_att[0]
-    print(f"reference PyTorch Spec+Att, batch 16, this CPU kind: {REFERENCE_SAMPLES_PER_S} samples/s, "
+    print(f"reference PyTorch Spec+Att, batch 16, on SPEC's AVX2 CPU: {REFERENCE_SAMPLES_PER_S} samples/s, "
           f"{100 * REFERENCE_MFU:.0f}% MFU (with SPEC's {SPEC_GFLOP_PER_SAMPLE} GFLOP/sample); here "
           f"{r['samples_per_s'] / REFERENCE_SAMPLES_PER_S:.2f}x its samples/s, and "
-          f"{100 * r['mfu'] * SPEC_GFLOP_PER_SAMPLE / r['gflop_per_sample']:.1f}% MFU with SPEC's FLOP count")
+          f"{100 * r['mfu'] * SPEC_GFLOP_PER_SAMPLE / r['gflop_per_sample']:.1f}% MFU with SPEC's FLOP count "
+          "(benchmarks/torch_reference.py times the reference on this machine)")
   print(summary(results))
 
 

@@ -99,7 +99,9 @@ def test_pytorch_sgd_itself_if_available():
       t.grad = torch.tensor(np.asarray(gk), dtype=torch.float64)
     sgd.step()
     for t, b, u in zip(tparams, before, ours_step.values()):
-      np.testing.assert_allclose(np.asarray(u), (t.detach() - b).numpy(), rtol=1e-6, atol=1e-12)
+      # Our float32 update against float64: where g + weight_decay·p nearly cancels, the relative error of a small
+      # element reaches ~3e-5 (seed 2), so the tolerance is relative to the step's largest update.
+      np.testing.assert_allclose(np.asarray(u), (t.detach() - b).numpy(), rtol=1e-6, atol=1e-6 * np.abs(u).max())
 
 
 def test_adam_moments_frozen_and_sgd_buffer_fresh():
