@@ -81,8 +81,8 @@ class Tagger:
     self.mesh = sharding.make_mesh(devices=self.devices)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
-    self._probs_fn = jax.jit(self._probs_impl)
-    self._inspect_fn = jax.jit(self._inspect_impl)
+    self._probs_fn = jax.jit(sharding.per_device(self._probs_impl, self.mesh))
+    self._inspect_fn = jax.jit(sharding.per_device(self._inspect_impl, self.mesh))
 
   @classmethod
   def load(cls, workdir, checkpoint_step: str | int = "best", devices: Sequence[jax.Device] | None = None

@@ -88,6 +88,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def per_device(fn, mesh: Mesh):
+  """fn(variables, *batch_arrays) run by each device on its own rows (shard_map): the variables replicated, the
+  arrays' leading axis and the outputs' split over `data`. For functions with no work across examples (the eval
+  forward): each device runs the one-device program, which XLA compiles without partitioning it (a `lax.map` over
+  the batch, as in backends.inference_attention, would otherwise be gathered whole on every device)."""
+  def run(variables, *arrays):
+    return jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(),) + (PartitionSpec(DATA_AXIS),) * len(arrays),
+                         out_specs=PartitionSpec(DATA_AXIS))(variables, *arrays)
+  return run
+
+
 def check_global_batch_size(global_batch_size: int, mesh: Mesh, what: str = "train.batch_size"):
   data = mesh.shape[DATA_AXIS]
   if global_batch_size % data or global_batch_size % jax.process_count():

@@ -99,4 +99,5 @@ def make_predict_step(model: MusicTagger, mesh):
     return result
 
   replicated = sharding.replicated(mesh)
-  return jax.jit(predict, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+  return jax.jit(sharding.per_device(predict, mesh), in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                 out_shardings=replicated)

@@ -1,4 +1,4 @@
-"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics.
+"""The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics, attention.
 
 Both formulations of each (`kernels='cpu'`, chosen on the CPU, and `'plain'`, chosen elsewhere) run here on the CPU.
 """
@@ -12,7 +12,7 @@ import pytest
 
 from flaxtag import audio
 from flaxtag.errors import ConfigError
-from flaxtag.models import frontends, layers
+from flaxtag.models import backends, frontends, layers
 
 
 @pytest.mark.parametrize("shape,rate,broadcast_dims", [
@@ -101,6 +101,18 @@ def test_kernels_are_chosen_by_platform():
   assert layers.cpu_kernels("cpu") and not layers.cpu_kernels("plain")
   with pytest.raises(ConfigError, match="kernels='gpu'"):
     layers.cpu_kernels("gpu")
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_inference_attention_equals_softmax_attention(kernels):
+  """Per example (lax.map, 'cpu') or batched ('plain'), the division after the product: softmax(q·kᵀ)·v."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(3, 2, 9, 4)).astype(np.float32) * 3 for _ in range(3))
+  logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum("bhqk,bhkd->bhqd", probs / probs.sum(-1, keepdims=True), v)
+  got = backends.inference_attention(q, k, v, jnp.float32, kernels=kernels)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module", params=["cpu", "plain"])

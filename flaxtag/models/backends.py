@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from flaxtag.errors import AudioError, ConfigError
-from flaxtag.models.layers import BatchNorm, ConvBlock, Dropout, max_pool
+from flaxtag.models.layers import BatchNorm, ConvBlock, Dropout, cpu_kernels, max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,27 @@ def sinusoidal_positions(num_positions: int, width: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
+def _unnormalised_attention(query, key, value, dtype):
+  """(softmax(q·kᵀ)·v with its division left out, softmax's denominators) of (..., T, d) queries, keys, values."""
+  logits = jnp.einsum("...qd,...kd->...qk", query, key).astype(jnp.float32)
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  return jnp.einsum("...qk,...kd->...qd", weights.astype(dtype), value), jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def inference_attention(query, key, value, dtype, kernels: str = "auto"):
+  """softmax(q·kᵀ)·v of (B, heads, T, d) scaled queries, keys and values, for inference (the probabilities unseen).
+
+  Softmax's division comes after the product with the values, on (T, d) per head instead of (T, T), and the
+  probabilities are never written. On the CPU (`layers.cpu_kernels`) one example at a time (`lax.map`): its
+  (heads, T, T) weights then stay in cache, 2-3x faster on XLA:CPU than the batched products (BENCHMARKS.md).
+  """
+  if cpu_kernels(kernels):
+    context, total = lax.map(lambda qkv: _unnormalised_attention(*qkv, dtype), (query, key, value))
+  else:
+    context, total = _unnormalised_attention(query, key, value, dtype)
+  return context / total.astype(dtype)
+
+
 class EncoderLayer(nn.Module):
   """Self-attention → add → LayerNorm → GELU MLP → add → LayerNorm (post-LN, as BERT)."""
   config: EncoderConfig
@@ -73,8 +95,9 @@ class EncoderLayer(nn.Module):
     # Heads before tokens, (B, heads, T, d): each head's matmuls then read contiguous (T, d) blocks, faster on CPU.
     query, key, value = qkv.transpose(2, 0, 3, 1, 4)
     # Scaling the queries, not the logits: 4x fewer elements (T·d vs T·T per head), and exact for head_dim = 64.
-    logits = jnp.einsum("bhqd,bhkd->bhqk", query * (1 / math.sqrt(head_dim)), key).astype(jnp.float32)
+    query = query * (1 / math.sqrt(head_dim))
     if train or forced_attention is not None or self.is_mutable_collection("intermediates"):
+      logits = jnp.einsum("bhqd,bhkd->bhqk", query, key).astype(jnp.float32)
       probs = jax.nn.softmax(logits, axis=-1)
       self.sow("intermediates", "attention", probs)
       if forced_attention is not None:  # (B, tokens): every head and query attends as given.
@@ -82,11 +105,7 @@ class EncoderLayer(nn.Module):
       probs = Dropout(cfg.attention_dropout)(probs, deterministic=not train)
       context = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), value)
     else:
-      # Inference, the probabilities unseen: softmax's division comes after the product with the values, on (T, d)
-      # per head instead of (T, T), and the probabilities are never written.
-      weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-      context = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), value)
-      context = context / jnp.sum(weights, axis=-1, keepdims=True).astype(self.dtype)
+      context = inference_attention(query, key, value, self.dtype)
     context = context.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
     attended = nn.Dense(width, dtype=self.dtype, name="attention_out")(context)
     attended = Dropout(cfg.dropout)(attended, deterministic=not train)
