@@ -93,7 +93,9 @@ def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=
   if split not in info.split_sizes:
     raise DatasetError(f"{config.data.name} has no split {split!r}; it has {sorted(info.split_sizes)}.")
   mesh = sharding.make_mesh()
-  size = batch_size or config.train.eval_batch_size
+  data = mesh.shape[sharding.DATA_AXIS]
+  # Rounded up to a multiple of the devices (one per core on a CPU): the padded rows are masked out.
+  size = -(-(batch_size or config.train.eval_batch_size) // data) * data
   sharding.check_global_batch_size(size, mesh, "--batch_size")
   result, predictions = evaluate_split(make_predict_step(tagger.model, mesh), tagger.variables, mesh, data_dir,
                                        config.data.name, split, size, crop_samples(tagger.model), tagger.tag_names,
@@ -133,6 +135,8 @@ def format_report(result: dict, per_tag: bool = True) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
+  # One device per core, as tag and explain: XLA:CPU runs many of one device's ops on one thread.
+  sharding.split_cpu()
   result, predictions, tagger = evaluate_checkpoint(f.workdir, f.checkpoint, f.split, f.data_dir, f.batch_size)
   print(format_report(result))
   if f.output:
@@ -149,7 +153,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
   flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
   flags.DEFINE_string("data_dir", None, "Where the dataset was built; default: the run's config.")
-  flags.DEFINE_integer("batch_size", None, "Clips per batch (×16 crops); default: the run's config.")
+  flags.DEFINE_integer("batch_size", None, "Clips per batch (×16 crops), rounded up to a multiple of the devices; "
+                       "default: the run's config.")
   flags.DEFINE_string("output", None, "Write the full report (per-tag metrics) as JSON here.")
   flags.DEFINE_string("predictions", None, "Save per-clip probabilities and labels (.npz) here.")
   cli.run(main)

@@ -55,6 +55,16 @@ def test_predictions_equal_a_direct_sixteen_crop_pass(test_split_evaluation, syn
     np.testing.assert_array_equal(predictions["labels"][row], record["labels"])
 
 
+def test_batch_size_is_rounded_up_to_the_devices_with_the_same_predictions(trained_run, test_split_evaluation):
+  """--batch_size 9 on 8 devices runs one batch of 16 rows, 8 of them padding, masked out: the same predictions."""
+  workdir, _ = trained_run
+  _, rounded, _ = evaluation.evaluate_checkpoint(workdir, "best", "test", batch_size=9)
+  _, expected, _ = test_split_evaluation
+  assert sorted(rounded) == sorted(expected)
+  for key in expected:
+    np.testing.assert_allclose(rounded[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
 def test_eval_command_writes_report_and_predictions(trained_run, tmp_path):
   workdir, _ = trained_run
   report, preds = tmp_path / "report.json", tmp_path / "preds.npz"

@@ -81,35 +81,47 @@ class TimbreConv(nn.Module):
       inside = (offset >= 0) & (offset < height)
       banded = jnp.take(kernel[:, :, 0, :], np.clip(offset, 0, height - 1), axis=0)  # (mel, pos, width, c)
       banded = jnp.where(inside[:, :, None, None], banded, 0.0)
-      banded = banded.transpose(2, 0, 1, 3).reshape(width, n_mels, positions * self.features)
-      conv = jax.lax.conv_general_dilated(centred.astype(self.dtype), banded.astype(self.dtype),
-                                          window_strides=(1,), padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
-      conv = conv.reshape(batch, frames, positions, self.features)
+      banded = banded.transpose(2, 0, 1, 3).reshape(width, n_mels, positions * self.features).astype(self.dtype)
+
+      def convolve(x):
+        conv = jax.lax.conv_general_dilated(x.astype(self.dtype), banded, window_strides=(1,), padding=pad,
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+        return conv.reshape(x.shape[0], frames, positions, self.features)
     else:  # over (time, frequency) of (B, T, mel, 1): the kernel's (freq, time) axes swapped
-      conv = jax.lax.conv_general_dilated(centred[..., None].astype(self.dtype),
-                                          kernel.transpose(1, 0, 2, 3).astype(self.dtype), window_strides=(1, 1),
-                                          padding=[*pad, (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      def convolve(x):
+        return jax.lax.conv_general_dilated(x[..., None].astype(self.dtype),
+                                            kernel.transpose(1, 0, 2, 3).astype(self.dtype), window_strides=(1, 1),
+                                            padding=[*pad, (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # edge[t]: the kernel's sum over the taps that fall on frames (the input is zero-padded in time).
     edge = jax.lax.conv_general_dilated(jnp.ones((1, frames, 1), jnp.float32), jnp.sum(kernel, axis=0),
                                         window_strides=(1,), padding=pad, dimension_numbers=("NWC", "WIO", "NWC"))
     offset = in_bias * edge[0] + bias  # (T, c)
     in_mul_d, offset_d = in_mul.astype(self.dtype), offset.astype(self.dtype)
-    moments = None
-    if train:
-      # BN statistics of y = conv·in_mul + offset from per-(t, c) sums of conv and conv² over (batch, position):
-      # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`. The
-      # running variance's n / (n - 1) counts conv's elements, as many as y's (batch × frames × positions).
-      conv32 = conv.astype(jnp.float32)
-      sum1, sum2 = jnp.sum(conv32, axis=(0, 2)), jnp.sum(lax.square(conv32), axis=(0, 2))
-      n = batch * positions
-      y_sum = in_mul * sum1 + n * offset
-      y2_sum = lax.square(in_mul) * sum2 + 2 * in_mul * offset * sum1 + n * lax.square(offset)
-      moments = jnp.sum(y_sum, axis=0) / (n * frames), jnp.sum(y2_sum, axis=0) / (n * frames)
-    mean, mul, bn_bias = BatchNorm(name="bn").statistics(conv, train, moments)
     # relu(BN(y)) is monotonic in conv, increasing where in_mul·mul ≥ 0 and decreasing elsewhere (float rounding
     # keeps it so), so its max over frequency is its value at conv's max, or min: y, BN and ReLU are then computed
     # for positions× fewer elements, each with the same arithmetic as it would have had before the pooling.
-    extreme = take_extreme(conv, in_mul * mul >= 0)
+    if not train and cpu_kernels(self.kernels):
+      # Inference on the CPU: one example at a time, so that its (frames, positions, filters) conv output stays in
+      # cache for the max (a batch's is up to 62 MB, read back from memory; BENCHMARKS.md).
+      mean, mul, bn_bias = BatchNorm(name="bn").statistics(
+          jax.ShapeDtypeStruct((batch, frames, positions, self.features), self.dtype), train)
+      largest = in_mul * mul >= 0
+      extreme = lax.map(lambda example: take_extreme(convolve(example[None]), largest)[0], centred)
+    else:
+      conv = convolve(centred)
+      moments = None
+      if train:
+        # BN statistics of y = conv·in_mul + offset from per-(t, c) sums of conv and conv² over (batch, position):
+        # y itself (as big as conv) is never written, and the sums' backward fuses into that of `take_extreme`. The
+        # running variance's n / (n - 1) counts conv's elements, as many as y's (batch × frames × positions).
+        conv32 = conv.astype(jnp.float32)
+        sum1, sum2 = jnp.sum(conv32, axis=(0, 2)), jnp.sum(lax.square(conv32), axis=(0, 2))
+        n = batch * positions
+        y_sum = in_mul * sum1 + n * offset
+        y2_sum = lax.square(in_mul) * sum2 + 2 * in_mul * offset * sum1 + n * lax.square(offset)
+        moments = jnp.sum(y_sum, axis=0) / (n * frames), jnp.sum(y2_sum, axis=0) / (n * frames)
+      mean, mul, bn_bias = BatchNorm(name="bn").statistics(conv, train, moments)
+      extreme = take_extreme(conv, in_mul * mul >= 0)
     y = (extreme * in_mul_d + offset_d).astype(jnp.float32)
     return nn.relu((y - mean) * mul + bn_bias).astype(self.dtype)  # (B, T, c)
 
