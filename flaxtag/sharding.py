@@ -43,16 +43,19 @@ def cpu_devices_dividing(batch_size: int, cores: int | None = None) -> int:
   return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1):
-  """Joins a multi-process run. With no arguments it joins only inside an `srun` step of several tasks or on a
-  Cloud TPU pod, where JAX finds the coordinator itself; on one machine give the coordinator (e.g.
-  127.0.0.1:1234), the number of processes and this one's id."""
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+  """Joins a multi-process run; returns whether it did. With no arguments it joins only inside an `srun` step of
+  several tasks or on a Cloud TPU pod, where JAX finds the coordinator itself; on one machine give the coordinator
+  (e.g. 127.0.0.1:1234), the number of processes and this one's id."""
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif in_slurm_job(os.environ):
     jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
   elif "TPU_WORKER_HOSTNAMES" in os.environ:
     jax.distributed.initialize()
+  else:
+    return False
+  return True
 
 
 def in_slurm_job(environ: Mapping[str, str]) -> bool:

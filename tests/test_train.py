@@ -5,14 +5,16 @@
 import os
 import re
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from data_prep.synth_instruments.synth_instruments import SynthInstruments
-from flaxtag import checkpoint, optim, train
-from train_runs import SGD, SGD_STEPS, assert_same_model, last_logged_step, records, run_config, start_two_processes
+from flaxtag import checkpoint, optim, sharding, train
+from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, last_logged_step, records, run_config,
+                        start_two_processes, train_command)
 
 
 @pytest.mark.slow
@@ -130,6 +132,22 @@ def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
     train.setup(run_config(synth_data_dir, **{"optim.switch": "sometimes"}))
   with pytest.raises(ConfigError, match="train.eval_every_epochs=0 must be at least 1"):
     train.setup(run_config(synth_data_dir, **{"train.eval_every_epochs": 0}))
+
+
+def test_one_process_on_a_cpu_trains_on_one_device_per_core_dividing_its_batches(synth_data_dir, tmp_path):
+  """`python -m flaxtag.train` without a device count of its own: one CPU device per core, as many as divide the
+  training batch (12 here) and the evaluation batch (8): gcd 4 on 4 or more cores, 2 on 2 or 3, 1 on one."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's eight devices
+  command = train_command(synth_data_dir, tmp_path / "run", **{"train.batch_size": 12, "train.eval_batch_size": 8})
+  process = subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE,
+                             text=True)
+  try:
+    line = next(line for line in process.stderr if line.startswith("process 0 of"))
+  finally:
+    process.kill()
+    process.wait()
+  expected = sharding.cpu_devices_dividing(4)
+  assert line.strip() == f"process 0 of 1, {expected} devices ({expected} local)"
 
 
 def test_a_hierarchy_file_over_some_synth_instruments_replaces_the_datasets_coarse_labels(synth_data_dir, tmp_path):
