@@ -235,7 +235,8 @@ def check_against_flaxtag(model: SpecAtt, conv_channels: int, num_tags: int) -> 
 
 
 class TorchMatmulPeak:
-  """FLOP/s of a torch fp32 size×size matmul, best of two, recorded next to every timed step."""
+  """FLOP/s of a torch fp32 size×size matmul, best of two, recorded next to every timed step: train_throughput.py's
+  MatmulPeak in torch, so that each framework is measured against its own matmul."""
 
   def __init__(self, size=2048):
     self.size = size

@@ -11,8 +11,8 @@ Where crops start and how they are cut: `flaxtag.crops`. Many files, decoded in 
 Inference mode: dropout off, BatchNorm uses its running statistics. Every batch is split over all local devices
 (`flaxtag.sharding`'s mesh over `jax.local_devices()`, the batch axis sharded over `data`, the variables
 replicated; `Tagger._run` is the one place here that places arrays), with batch sizes rounded up to a multiple of
-the device count. On a CPU, `sharding.split_cpu()` (the tag and explain commands call it) makes those devices one
-per core.
+the device count, and each device runs the forward on its own rows (`sharding.per_device`). On a CPU,
+`sharding.split_cpu()` (the tag, explain and eval commands call it) makes those devices one per core.
 """
 import dataclasses
 from collections.abc import Sequence
