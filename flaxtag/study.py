@@ -190,6 +190,19 @@ def _workdir(out: str, name: str, seed: int) -> str:
   return os.path.join(out, "runs", name, f"seed_{seed}")
 
 
+def add_training_seconds(workdir: str, seconds: float) -> float:
+  """Adds one start's wall-clock seconds to the run's total in `<workdir>/study_seconds.txt` and returns the total:
+  a run stopped and resumed is timed over all its starts (time while the process was paused counts too)."""
+  path, total = os.path.join(workdir, "study_seconds.txt"), seconds
+  if os.path.exists(path):
+    with open(path) as f:
+      total += float(f.read())
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(f"{total:.1f}\n")
+  return total
+
+
 def planned_runs(candidates: dict, models: dict, seeds, selection_seeds) -> int:
   """How many training runs `run_study` makes: every candidate of a head with more than one for each selection seed;
   in the final pass, each head for each seed its selection did not train (a head with one candidate has no
@@ -217,11 +230,13 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
   print(f"\n== {name} ({variant}), seed {seed} {progress(runs, total)}", flush=True)
   workdir, start = _workdir(out, name, seed), time.time()
   config = variant_config(base_config, overrides, seed)
-  train.train_and_evaluate(config, workdir)
+  try:
+    train.train_and_evaluate(config, workdir)
+  finally:  # also when a stop request ends this start (SystemExit): the run resumes later
+    seconds = add_training_seconds(workdir, time.time() - start)
   record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
-                 "epochs_budget": config.train.num_epochs, "seconds": round(time.time() - start, 1),
-                 "overrides": overrides})
+                 "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "overrides": overrides})
   jax.clear_caches()  # each variant compiles new functions; keep memory flat over the study
 
 

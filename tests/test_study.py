@@ -3,6 +3,8 @@ validation only, reads the test split once at the end, and resumes."""
 import json
 import math
 import re
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -167,6 +169,22 @@ def _announced(out: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
+  """A stop request ends a start with SystemExit: its time is kept, and the finished run's `seconds` add it."""
+  def stopped(config, workdir):
+    time.sleep(0.2)
+    sys.exit(0)
+
+  monkeypatch.setattr(train, "train_and_evaluate", stopped)
+  with pytest.raises(SystemExit):
+    study._train(study_config.get_config(), str(tmp_path), "gmp", "gmp_cw1", {}, 0, 1)
+  workdir = tmp_path / "runs" / "gmp_cw1" / "seed_0"
+  first = float((workdir / "study_seconds.txt").read_text())
+  assert 0.2 <= first < 5
+  assert study.add_training_seconds(str(workdir), 100.0) == pytest.approx(first + 100.0, abs=0.05)
+  assert not (tmp_path / "runs.jsonl").exists()  # not recorded as finished
+
+
 def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_data_dir, tmp_path, monkeypatch,
                                                                           capsys):
   """A tiny study end to end: selection of gmp's coarse weight, the final pass of flat and the chosen gmp (reusing
@@ -191,6 +209,8 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={})
 
   runs = study.read_lines(tmp_path / "runs.jsonl")
+  for r in runs:  # the time of every start, here one
+    assert r["seconds"] == float((tmp_path / "runs" / r["run"] / "seed_0" / "study_seconds.txt").read_text())
   chosen = study.choose(runs, candidates, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
   assert trained == [("gmp_cw0.5", 0), ("gmp_cw1", 0), ("flat", 0)]  # the chosen gmp run is reused
