@@ -213,11 +213,12 @@ def planned_runs(candidates: dict, models: dict, seeds, selection_seeds) -> int:
 
 
 def progress(runs: list[dict], total: int) -> str:
-  """'[k/total]' for the next run, and the time left at the mean time of the finished runs."""
+  """'[k/total]' for the next run, and the time left at the median time of the finished runs (a run stopped and
+  resumed counts the time between, so one such run would pull a mean far up)."""
   line = f"[{len(runs) + 1}/{total}]"
   if runs:
-    mean = float(np.mean([r["seconds"] for r in runs]))
-    line += f", about {(total - len(runs)) * mean / 3600:.1f} h left at {mean / 60:.0f} min a run"
+    median = float(np.median([r["seconds"] for r in runs]))
+    line += f", about {(total - len(runs)) * median / 3600:.1f} h left at {median / 60:.0f} min a run"
   return line
 
 

@@ -158,6 +158,9 @@ def test_tables_report_mean_and_sample_std_over_seeds():
 def test_progress_counts_the_runs_and_the_time_left():
   assert study.progress([], 5) == "[1/5]"
   assert study.progress([{"seconds": 900.0}, {"seconds": 1100.0}], 5) == "[3/5], about 0.8 h left at 17 min a run"
+  # The median: one run that spent an hour stopped does not move the estimate.
+  runs = [{"seconds": s} for s in (900.0, 1000.0, 6000.0)]
+  assert study.progress(runs, 6) == "[4/6], about 0.8 h left at 17 min a run"
   # The full study: 16 candidates x 2 selection seeds; flat x 3 seeds, the 5 chosen heads x the third seed; 3 models
   # at matched capacity and 4 at matched compute, x 3 seeds.
   assert study.planned_runs(study.HEAD_CANDIDATES, study.MODELS, [0, 1, 2], [0, 1]) == 32 + 3 + 5 + 21
@@ -168,7 +171,6 @@ def _announced(out: str) -> list[str]:
   return re.findall(r"^== .*, seed \d+ \[(\d+/\d+)\]", out, re.MULTILINE)
 
 
-@pytest.mark.slow
 def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
   """A stop request ends a start with SystemExit: its time is kept, and the finished run's `seconds` add it."""
   def stopped(config, workdir):
@@ -185,6 +187,7 @@ def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
   assert not (tmp_path / "runs.jsonl").exists()  # not recorded as finished
 
 
+@pytest.mark.slow
 def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_data_dir, tmp_path, monkeypatch,
                                                                           capsys):
   """A tiny study end to end: selection of gmp's coarse weight, the final pass of flat and the chosen gmp (reusing
