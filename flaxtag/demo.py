@@ -105,7 +105,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   # On a CPU-only machine JAX sees one device: one per core makes the steps data-parallel, as on a GPU cluster.
-  sharding.split_cpu(sharding.cpu_devices_dividing(config.train.batch_size))
+  sharding.split_cpu_for_training(config.train)
   config.data.data_dir = os.path.join(f.out, "data")
   run(config, f.out, {"num_train": f.num_train, "num_valid": f.num_valid, "num_test": f.num_test})
 

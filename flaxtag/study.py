@@ -397,7 +397,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
-  sharding.split_cpu(sharding.cpu_devices_dividing(config.train.batch_size))  # as flaxtag.demo: its runs are the demo's
+  sharding.split_cpu_for_training(config.train)
   config.data.data_dir = f.data_dir
   os.makedirs(f.out, exist_ok=True)
   # The clips of RESULTS.md: the demo's before it had several SoundFonts and augmentations (TimGM6mb alone, not

@@ -407,10 +407,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if not sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id):
-    # One process: on a CPU one device per core, as many as divide the training and evaluation batches (the step
-    # then splits its batch over the cores, 1.14x the samples/s of one device for Spec+Att on 2 cores; BENCHMARKS.md).
-    batches = math.gcd(f.config.train.batch_size, f.config.train.eval_batch_size)
-    sharding.split_cpu(sharding.cpu_devices_dividing(batches))
+    sharding.split_cpu_for_training(f.config.train)
   _tell(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices "
         f"({jax.local_device_count()} local)")
   train_and_evaluate(f.config, f.workdir)
