@@ -422,6 +422,8 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   writer = csv.writer(out, lineterminator="\n") if output_format == "csv" and not output else None
   if writer:
     writer.writerow(csv_header(tagger, timeline))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   lines = open(output, "a", encoding="utf-8") if output else None
   if lines and lines.tell() and not _ends_with_newline(output):
     lines.write("\n")  # after a line cut short by an interrupted run

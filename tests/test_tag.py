@@ -266,7 +266,7 @@ def test_directories_are_walked_for_audio_files(library):
 
 
 def test_a_library_is_tagged_into_json_lines_and_resumed(tagger, library, tmp_path):
-  output = tmp_path / "tags.jsonl"
+  output = tmp_path / "new" / "folder" / "tags.jsonl"  # made as needed
   status, stdout, err = _tag(tagger, [str(library)], "table", output=str(output))
   assert status == 1 and stdout == ""
   entries = {os.path.relpath(e["file"], library): e for e in _lines(output)}
