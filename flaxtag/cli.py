@@ -93,6 +93,25 @@ def _parse_flags_or_exit(argv):
     _fail(f"bad command-line flag: {_message(e)}")
 
 
+def make_output_folder(path: str) -> None:
+  """Makes the folders an output file goes in. Commands call it before their work, so that a path that cannot be
+  written fails at once, not after an evaluation."""
+  if os.path.isdir(path):
+    raise FlaxtagError(f"cannot write {path}: it is a folder; give a file name.")
+  folder = os.path.dirname(os.path.abspath(path))
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise FlaxtagError(f"cannot write {path}: {existing} is a file, not a folder.")
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise FlaxtagError(f"cannot write {path}: cannot make the folder {folder} ({e.strerror}).") from e
+  if not os.access(folder, os.W_OK):
+    raise FlaxtagError(f"cannot write {path}: no permission to write in {folder}.")
+
+
 def _fail(message):
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)

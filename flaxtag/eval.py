@@ -137,6 +137,9 @@ def main(argv):
   f = flags.FLAGS
   # One device per core, as tag and explain: XLA:CPU runs many of one device's ops on one thread.
   sharding.split_cpu()
+  for path in (f.output, f.predictions):
+    if path:
+      cli.make_output_folder(path)
   result, predictions, tagger = evaluate_checkpoint(f.workdir, f.checkpoint, f.split, f.data_dir, f.batch_size)
   print(format_report(result))
   if f.output:

@@ -423,7 +423,7 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   if writer:
     writer.writerow(csv_header(tagger, timeline))
   if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    cli.make_output_folder(output)
   lines = open(output, "a", encoding="utf-8") if output else None
   if lines and lines.tell() and not _ends_with_newline(output):
     lines.write("\n")  # after a line cut short by an interrupted run

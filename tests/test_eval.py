@@ -67,10 +67,17 @@ def test_batch_size_is_rounded_up_to_the_devices_with_the_same_predictions(train
 
 def test_eval_command_writes_report_and_predictions(trained_run, tmp_path):
   workdir, _ = trained_run
-  report, preds = tmp_path / "report.json", tmp_path / "preds.npz"
-  done = subprocess.run([sys.executable, "-m", "flaxtag.eval", "--workdir", str(workdir), "--checkpoint", "latest",
-                         "--split", "valid", "--output", str(report), "--predictions", str(preds)],
-                        cwd=REPO, capture_output=True, text=True, check=False)
+  report, preds = tmp_path / "new" / "report.json", tmp_path / "preds.npz"  # folders are made as needed
+  command = [sys.executable, "-m", "flaxtag.eval", "--workdir", str(workdir), "--checkpoint", "latest", "--split",
+             "valid", "--output", str(report), "--predictions", str(preds)]
+  # A path that cannot be written fails before the evaluation, not after it.
+  (tmp_path / "a_file").write_text("")
+  failed = subprocess.run([*command[:-1], str(tmp_path / "a_file" / "preds.npz")], cwd=REPO, capture_output=True,
+                          text=True, check=False)
+  assert failed.returncode == 2 and failed.stdout == "", failed.stderr[-3000:]
+  assert failed.stderr == f"error: cannot write {tmp_path / 'a_file' / 'preds.npz'}: {tmp_path / 'a_file'} is a " \
+      "file, not a folder.\n"
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "macro ROC-AUC" in done.stdout and "hierarchy violation rate" in done.stdout
   saved = json.loads(report.read_text())
