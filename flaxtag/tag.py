@@ -406,13 +406,18 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   appended; files it already holds are skipped) or else to `out` (stdout) in `output_format`; errors, warnings and
   the progress bar go to `err` (stderr).
 
-  Returns the exit status: 1 if any file could not be tagged, else 0.
+  Returns the exit status: 1 if any file could not be tagged or no audio file was found, else 0.
   """
   out = out or sys.stdout
   err = err or sys.stderr
   if output_format not in FORMATS:
     raise ValueError(f"unknown output format {output_format!r}; use one of {FORMATS}")
-  files = audio_files(paths)
+  files = []
+  for path in paths:
+    found = audio_files([path])
+    if not found:
+      print(f"warning: no audio files under {path} (looked for {', '.join(AUDIO_EXTENSIONS)})", file=err)
+    files += found
   skipped = 0
   if output:
     done = done_files(output)
@@ -473,7 +478,8 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   if failed:
     summary += f"; {failed} could not be tagged"
   print(summary + ".", file=err)
-  return 1 if failed else 0
+  nothing_found = not files and not skipped
+  return 1 if failed or nothing_found else 0
 
 
 def _ends_with_newline(path: str) -> bool:

@@ -265,6 +265,18 @@ def test_directories_are_walked_for_audio_files(library):
   assert tag.audio_files([str(library / "jazz" / "notes.txt")]) == [str(library / "jazz" / "notes.txt")]
 
 
+def test_a_folder_without_audio_files_is_named_and_fails_the_run(tagger, library, tmp_path):
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "readme.txt").write_text("no audio here")
+  status, stdout, err = _tag(tagger, [str(tmp_path / "notes")], "table")
+  assert status == 1 and stdout == ""
+  assert f"warning: no audio files under {tmp_path / 'notes'} (looked for .wav, .flac," in err
+  assert "0 of 0 files tagged" in err
+  # Beside a folder that has some, the run goes on.
+  status, _, err = _tag(tagger, [str(tmp_path / "notes"), str(library / "jazz" / "d.WAV")], "table")
+  assert status == 0 and "warning: no audio files under" in err and "1 of 1 file tagged" in err
+
+
 def test_a_library_is_tagged_into_json_lines_and_resumed(tagger, library, tmp_path):
   output = tmp_path / "new" / "folder" / "tags.jsonl"  # made as needed
   status, stdout, err = _tag(tagger, [str(library)], "table", output=str(output))
