@@ -137,6 +137,16 @@ def test_bad_labels_files_are_one_line_errors(tmp_path, text, message):
   assert not (tmp_path / "data").exists()
 
 
+def test_a_spreadsheets_labels_file_reads_as_a_plain_one(tmp_path):
+  """Excel's "CSV UTF-8": a byte-order mark before the header, CRLF line ends, a quoted field holding the delimiter."""
+  plain = 'path,split,tags\n"live, 1979/a.wav",train,piano;drums\nb.flac,test,piano\n'
+  (tmp_path / "plain.csv").write_text(plain, encoding="utf-8")
+  (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode("utf-8"))
+  expected = folder.read_labels(tmp_path / "plain.csv")
+  assert expected.tags == ["drums", "piano"] and expected.rows[0].path == "live, 1979/a.wav"
+  assert folder.read_labels(tmp_path / "excel.csv") == expected
+
+
 def test_bad_options_and_names(tags_tree, tmp_path):
   root = tags_tree[0]
   with pytest.raises(DatasetError, match="--valid_fraction apply only to a labels file without a 'split' column"):

@@ -58,7 +58,8 @@ def delimiter(path: epath.PathLike, header_line: str) -> str:
 
 def read_labels(path: epath.PathLike, tag_separator: str = DEFAULT_SEPARATOR) -> Labels:
   """Reads a labels file; raises DatasetError naming the line and column of the first thing wrong."""
-  text = epath.Path(path).read_text(encoding="utf-8-sig")  # a spreadsheet's BOM is no part of the first name
+  # Decoded here: epath's read_text ignores its encoding. utf-8-sig: a spreadsheet's BOM is no part of the first name.
+  text = epath.Path(path).read_bytes().decode("utf-8-sig")
   reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter(path, text.split("\n", 1)[0]))
   header = [h.strip() for h in next(reader, [])]
   names = [h.lower() for h in header]
