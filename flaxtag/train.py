@@ -127,13 +127,41 @@ def _save(manager, run: Run, state: TrainState, data_iterator, metrics=None):
                   data_iterator_state=data_iterator.get_state())
 
 
-def _resume(manager, workdir, state: TrainState, data_iterator) -> TrainState:
+# What a resumed run must keep from the run it continues, and what changing it would change. Others may change:
+# the device and process count (batches are global), the data's folder, the number of epochs (to extend a run).
+RESUME_KEEPS = {
+    "data.name": "the dataset",
+    "train.batch_size": "the steps of an epoch, the learning-rate schedule and the data order",
+    "seed": "the data order and the dropout masks",
+}
+
+
+def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir, step: int):
+  """Raises ConfigError where `config` changes a value of RESUME_KEEPS from `saved`, the config of the step it
+  would resume."""
+  for key, changes in RESUME_KEEPS.items():
+    before, now = _config_value(saved, key), _config_value(config, key)
+    if before != now:
+      raise ConfigError(
+          f"{workdir} was trained with {key}={before!r} (the config of its step {step}); resuming with {now!r} "
+          f"would change {changes}. Resume with --config.{key}={before!r}, or start the run in a new --workdir.")
+
+
+def _config_value(config: ml_collections.ConfigDict, dotted_key: str):
+  for part in dotted_key.split("."):
+    config = config[part]
+  return config
+
+
+def _resume(manager, workdir, config, state: TrainState, data_iterator) -> TrainState:
   """The state of the newest intact step, restored onto the shardings of `state` (this run's mesh, whatever wrote
-  it). Damaged newer steps are set aside, so that the run saves those steps anew."""
+  it), after checking that `config` may continue it (`check_resumable`). Damaged newer steps are set aside, so
+  that the run saves those steps anew."""
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
   step, (variables, optimizer, iterator_state) = checkpoint.read_step(
       manager, "latest", lambda step: checkpoint.restore_training(
           manager, step, abstract.variables, {"step": abstract.step, "opt_state": abstract.opt_state}))
+  check_resumable(checkpoint.load_config(manager, step)[0], config, workdir, step)
   moved = checkpoint.set_aside_steps_after(manager, step, workdir)
   if moved:
     _tell(f"moved the damaged step(s) {', '.join(map(str, moved))} to "
@@ -294,7 +322,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       selection=run.selection)
   manager = checkpoint.open_manager(workdir, keep_latest=config.train.checkpoints_to_keep)
   if manager.latest_step() is not None:
-    state = _resume(manager, workdir, state, data_iterator)
+    state = _resume(manager, workdir, config, state, data_iterator)
     _tell(f"resuming {workdir} from step {int(state.step)} on {jax.device_count()} devices, "
           f"{jax.process_count()} process(es)")
   step = int(state.step)

@@ -4,6 +4,7 @@
 """
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -120,6 +121,22 @@ def test_a_run_stops_early_by_its_validations_and_stays_stopped(synth_data_dir, 
   assert train.train_and_evaluate(config, str(tmp_path))["roc_auc"] == scalars["roc_auc"]
   assert "nothing more to train" in capsys.readouterr().err
   assert max(r["step"] for r in records(tmp_path, "train")) == expected_stop
+
+
+def test_resuming_with_another_batch_size_or_seed_is_refused_and_more_epochs_extend_the_run(
+    trained_run, synth_data_dir, tmp_path):
+  from flaxtag.errors import ConfigError
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run[0], workdir)  # 3 epochs of batch 8, seed 0: saved steps 4 and 6
+  logged = (workdir / "metrics.jsonl").read_text()
+  for key, value, changes in (("train.batch_size", 16, "the steps of an epoch"), ("seed", 1, "the data order")):
+    with pytest.raises(ConfigError, match=rf"trained with {key}=\S+ \(the config of its step 6\); resuming with "
+                                          rf"{value} would change {changes}.*--config.{key}="):
+      train.train_and_evaluate(run_config(synth_data_dir, **{key: value, "train.num_epochs": 4}), str(workdir))
+  assert (workdir / "metrics.jsonl").read_text() == logged
+  # The same run with a fourth epoch goes on from step 6.
+  train.train_and_evaluate(run_config(synth_data_dir, **{"train.num_epochs": 4}), str(workdir))
+  assert [r["step"] for r in records(workdir, "train")] == list(range(1, 9))
 
 
 def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
