@@ -220,11 +220,12 @@ def main(argv):
   sharding.split_cpu()
   tagger = Tagger.load(f.workdir, f.checkpoint)
   refuse_without_attention(tagger, f.workdir)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  cli.make_output_folder(os.path.join(f.out, f"{stem}_explain.npz"))  # before the work, as eval and tag
   explanation = explain(tagger, tagger.load_clip(path), f.tags, f.offset_seconds, f.chunk_size)
   start = explanation.offset_seconds
   print(f"{path}: crop {start:.2f}-{start + explanation.crop_seconds:.2f} s; "
         f"tags {', '.join(explanation.chosen_tags)}", file=sys.stderr)
-  stem = os.path.splitext(os.path.basename(path))[0]
   for written in save(explanation, f.out, stem, title=os.path.basename(path)):
     print(f"wrote {written}")
 

@@ -149,3 +149,16 @@ def test_models_without_attention_are_refused_clearly(tmp_path):
   assert "error: the model in" in result.stderr and "spec+cnn_p" in result.stderr
   assert f"python -m flaxtag.tag FILE --workdir {workdir} --timeline" in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_is_a_file_fails_before_the_work(tmp_path):
+  workdir = tmp_path / "att"
+  tiny_models.save_tiny_model(workdir, "spec", "attention")
+  clip, out = tmp_path / "clip.wav", tmp_path / "a_file"
+  soundfile.write(clip, _music(5.0), SR)
+  out.write_text("")
+  result = subprocess.run([sys.executable, "-m", "flaxtag.explain", str(clip), "--workdir", str(workdir), "--out",
+                           str(out)], capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 2
+  assert result.stderr.endswith(f"error: cannot write {out / 'clip_explain.npz'}: {out} is a file, not a folder.\n")
+  assert "crop" not in result.stderr  # nothing was explained
