@@ -43,8 +43,10 @@ soundfonts:
 
 # Two pytest-xdist workers, whole test files at a time: most tests wait on compiles and subprocesses, so two share
 # the 2 cores well (14–18 min against 25–27 in one process). PYTEST_WORKERS=0 runs them in this process.
+# --no-loadscope-reorder: in the order of tests/conftest.py, longest files first; xdist's default order (most tests
+# first) left the one-test SLURM file, 3 minutes long, to the end, with one worker idle.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(VENV)/.installed-$(TEST_EXTRAS) system-deps soundfonts
 	$(PYTEST) tests

@@ -19,8 +19,8 @@ else:
 import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
-# `make test` shares whole files between two pytest-xdist workers in collection order: the longest files go first,
-# so that none of them starts last and runs alone.
+# `make test` shares whole files between two pytest-xdist workers in collection order (--no-loadscope-reorder,
+# pytest-xdist >= 3.6): the longest files go first, so that none of them starts last and runs alone.
 LONGEST_FILES_FIRST = ("test_slurm.py", "test_train.py", "test_topology.py", "test_study.py")
 
 
