@@ -306,17 +306,29 @@ def audio_files(paths: Iterable[str]) -> list[str]:
   return found
 
 
+RESULT_LINE_START = '{"file": '  # how every line `to_json` gives starts, also one cut short
+
+
 def done_files(output_path: str) -> set[str]:
-  """Files already in a JSON-lines output (tagged or failed); a line cut short by an interrupted run is ignored."""
+  """Files already in a JSON-lines output (tagged or failed); a line cut short by an interrupted run is ignored.
+
+  Raises FlaxtagError where the file is not such an output (an audio file or a document named by mistake), so
+  that it is never appended to."""
   done = set()
   if not os.path.exists(output_path):
     return done
-  with open(output_path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        done.add(json.loads(line)["file"])
-      except (ValueError, KeyError, TypeError):
-        continue
+  refuse = (f"--output {output_path} is not a JSON-lines file of flaxtag.tag ({{}}); give a new file name, or the "
+            "file an earlier run wrote, to resume it.")
+  try:
+    with open(output_path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        try:
+          done.add(json.loads(line)["file"])
+        except (ValueError, KeyError, TypeError):
+          if line.strip() and not line.startswith(RESULT_LINE_START):
+            raise FlaxtagError(refuse.format(f"line {number} is not a result")) from None
+  except UnicodeDecodeError:
+    raise FlaxtagError(refuse.format("it is not text")) from None
   return done
 
 

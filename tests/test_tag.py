@@ -13,7 +13,7 @@ import pytest
 import soundfile
 
 from flaxtag import crops, tag
-from flaxtag.errors import AudioError
+from flaxtag.errors import AudioError, FlaxtagError
 from flaxtag.inference import Tagger
 
 import tiny_models
@@ -309,6 +309,17 @@ def test_a_library_is_tagged_into_json_lines_and_resumed(tagger, library, tmp_pa
   again = _lines_skipping_cut(output)
   assert sorted(os.path.relpath(e["file"], library) for e in again) == LIBRARY_FILES
   assert "6 skipped" in err
+  # The cut line, now between whole ones, is still no obstacle.
+  assert _tag(tagger, [str(library)], "table", output=str(output))[0] == 0
+
+  # A file that no run wrote is never appended to: an audio file, or a document named by mistake.
+  for victim, reason in ((library / "rock" / "a.flac", "it is not text"), (tmp_path / "notes.txt", "line 2 is not")):
+    if victim.suffix == ".txt":
+      victim.write_text("\nmy notes\n")
+    before = victim.read_bytes()
+    with pytest.raises(FlaxtagError, match=rf"--output {victim} is not a JSON-lines file of flaxtag.tag \({reason}"):
+      _tag(tagger, [str(library / "jazz" / "d.WAV")], "table", output=str(victim))
+    assert victim.read_bytes() == before
 
 
 def _lines_skipping_cut(path):
