@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import soundfile
 import tensorflow_datasets as tfds
 
 import fixtures_data
@@ -145,6 +146,20 @@ def test_a_spreadsheets_labels_file_reads_as_a_plain_one(tmp_path):
   expected = folder.read_labels(tmp_path / "plain.csv")
   assert expected.tags == ["drums", "piano"] and expected.rows[0].path == "live, 1979/a.wav"
   assert folder.read_labels(tmp_path / "excel.csv") == expected
+
+
+def test_training_refuses_a_dataset_without_a_valid_split_before_any_step(tmp_path):
+  from configs import mtat  # pylint: disable=g-import-not-at-top
+  from flaxtag import train  # pylint: disable=g-import-not-at-top
+  for name in ("a.wav", "b.wav"):
+    soundfile.write(tmp_path / name, np.random.default_rng(0).standard_normal(SAMPLE_RATE * 4) * 0.1, SAMPLE_RATE)
+  (tmp_path / "labels.csv").write_text("path,split,tags\na.wav,train,x\nb.wav,test,y\n")
+  fixtures_data.build_dataset("folder/no_valid", tmp_path, tmp_path / "data")
+  config = mtat.get_config("spec_att,runlocal")
+  config.data.update(name="folder/no_valid", data_dir=str(tmp_path / "data"))
+  with pytest.raises(DatasetError, match=r"folder/no_valid in .* has no 'valid' split \(it has test, train\); "
+                                         r"training needs one"):
+    train.setup(config)
 
 
 def test_bad_options_and_names(tags_tree, tmp_path):
