@@ -147,17 +147,11 @@ def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.Con
   """Raises ConfigError where `config` changes a value of RESUME_KEEPS from `saved`, the config of the step it
   would resume."""
   for key, changes in RESUME_KEEPS.items():
-    before, now = _config_value(saved, key), _config_value(config, key)
+    before, now = saved[key], config[key]  # ConfigDict reads dotted keys
     if before != now:
       raise ConfigError(
           f"{workdir} was trained with {key}={before!r} (the config of its step {step}); resuming with {now!r} "
           f"would change {changes}. Resume with --config.{key}={before!r}, or start the run in a new --workdir.")
-
-
-def _config_value(config: ml_collections.ConfigDict, dotted_key: str):
-  for part in dotted_key.split("."):
-    config = config[part]
-  return config
 
 
 def _resume(manager, workdir, config, state: TrainState, data_iterator) -> TrainState:
