@@ -13,7 +13,6 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxtag import cli, input_pipeline, metrics, sharding
-from flaxtag.errors import DatasetError
 from flaxtag.hierarchy import Hierarchy, LabelSelection
 from flaxtag.inference import Tagger
 from flaxtag.models.tagger import crop_samples
@@ -90,8 +89,7 @@ def evaluate_checkpoint(workdir, checkpoint_step="best", split="test", data_dir=
   info = input_pipeline.dataset_info(data_dir, config.data.name)
   selection = input_pipeline.label_selection(info, tagger.tag_names, tagger.hierarchy,
                                              source=f"the checkpoint of {workdir}")
-  if split not in info.split_sizes:
-    raise DatasetError(f"{config.data.name} has no split {split!r}; it has {sorted(info.split_sizes)}.")
+  input_pipeline.check_split(info, split)
   mesh = sharding.make_mesh()
   data = mesh.shape[sharding.DATA_AXIS]
   # Rounded up to a multiple of the devices (one per core on a CPU): the padded rows are masked out.

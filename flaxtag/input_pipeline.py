@@ -381,9 +381,11 @@ def _label_shapes(path: str, selection: Optional[LabelSelection]) -> dict[str, i
   return {k: features[k].shape[0] for k in keys if k in features}
 
 
-def _check_split(info: DatasetInfo, split: str) -> int:
+def check_split(info: DatasetInfo, split: str, why: str = "") -> int:
+  """The number of clips in `split`; DatasetError (ending with `why`, where given) if the dataset has no such split."""
   if split not in info.split_sizes:
-    raise DatasetError(f"{info.path} has no split {split!r}; its splits are {', '.join(info.split_sizes)}")
+    raise DatasetError(f"{info.path} has no split {split!r}; its splits are {', '.join(sorted(info.split_sizes))}."
+                       + (f" {why}" if why else ""))
   return info.split_sizes[split]
 
 
@@ -429,7 +431,7 @@ def train_iterator(data_dir, name: str, *, batch_size: int, crop_len: int, seed:
     resume the exact sequence of batches.
   """
   info = dataset_info(data_dir, name)
-  num_records = _check_split(info, split)
+  num_records = check_split(info, split)
   p, count = _processes(process_index, process_count)
   steps = steps_per_epoch(num_records, batch_size, count)
   if steps == 0:
@@ -455,7 +457,7 @@ def eval_batches(data_dir, name: str, *, split: str, batch_size: int, crop_len: 
   for `train_iterator`.
   """
   info = dataset_info(data_dir, name)
-  num_records = _check_split(info, split)
+  num_records = check_split(info, split)
   p, count = _processes(process_index, process_count)
   shapes = _label_shapes(info.path, selection)
   make_source = functools.partial(_EvalBatches, _Reader(info.path, split, shapes), num_records, batch_size,

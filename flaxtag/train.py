@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from flaxtag import checkpoint, cli, input_pipeline, optim, run_lock, sharding
 from flaxtag import eval as evaluation
-from flaxtag.errors import ConfigError, DatasetError, FlaxtagError
+from flaxtag.errors import ConfigError, FlaxtagError
 from flaxtag.hierarchy import Hierarchy, LabelSelection, load_hierarchy
 from flaxtag.metric_writer import MetricWriter
 from flaxtag.models import heads, tagger
@@ -95,12 +95,10 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   """Checks the config against the data and devices; fails before anything is compiled."""
   info = input_pipeline.dataset_info(config.data.data_dir, config.data.name)
   for split in ("train", "valid"):
-    if split not in info.split_sizes:
-      raise DatasetError(
-          f"{config.data.name} in {config.data.data_dir} has no '{split}' split (it has "
-          f"{', '.join(sorted(info.split_sizes))}); training needs one, and validates on 'valid' to choose the best "
-          "checkpoint. Rebuild the dataset with clips in both (the folder builder: a 'split' column, or "
-          "--valid_fraction).")
+    input_pipeline.check_split(
+        info, split, "Training needs a 'train' and a 'valid' split (it validates on 'valid' to choose the best "
+        "checkpoint); rebuild the dataset with clips in both (the folder builder: a 'split' column, or "
+        "--valid_fraction).")
   tag_names, hierarchy = run_tags(config, info)
   selection = input_pipeline.label_selection(info, tag_names, hierarchy, source=config.model.hierarchy_file)
   if heads.needs_hierarchy(config.model.head) and hierarchy is None:

@@ -157,8 +157,8 @@ def test_training_refuses_a_dataset_without_a_valid_split_before_any_step(tmp_pa
   fixtures_data.build_dataset("folder/no_valid", tmp_path, tmp_path / "data")
   config = mtat.get_config("spec_att,runlocal")
   config.data.update(name="folder/no_valid", data_dir=str(tmp_path / "data"))
-  with pytest.raises(DatasetError, match=r"folder/no_valid in .* has no 'valid' split \(it has test, train\); "
-                                         r"training needs one"):
+  with pytest.raises(DatasetError, match=r"folder/no_valid/.* has no split 'valid'; its splits are test, train\. "
+                                         r"Training needs a 'train' and a 'valid' split"):
     train.setup(config)
 
 
