@@ -432,6 +432,7 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
     files += found
   skipped = 0
   if output:
+    cli.make_output_folder(output)
     done = done_files(output)
     todo = [f for f in files if f not in done]
     skipped = len(files) - len(todo)
@@ -439,8 +440,6 @@ def tag_paths(tagger: Tagger, paths: Sequence[str], output_format: str = "table"
   writer = csv.writer(out, lineterminator="\n") if output_format == "csv" and not output else None
   if writer:
     writer.writerow(csv_header(tagger, timeline))
-  if output:
-    cli.make_output_folder(output)
   lines = open(output, "a", encoding="utf-8") if output else None
   if lines and lines.tell() and not _ends_with_newline(output):
     lines.write("\n")  # after a line cut short by an interrupted run

@@ -312,6 +312,8 @@ def test_a_library_is_tagged_into_json_lines_and_resumed(tagger, library, tmp_pa
   # The cut line, now between whole ones, is still no obstacle.
   assert _tag(tagger, [str(library)], "table", output=str(output))[0] == 0
 
+  with pytest.raises(FlaxtagError, match=rf"cannot write {library}: it is a folder; give a file name"):
+    _tag(tagger, [str(library / "jazz" / "d.WAV")], "table", output=str(library))
   # A file that no run wrote is never appended to: an audio file, or a document named by mistake.
   for victim, reason in ((library / "rock" / "a.flac", "it is not text"), (tmp_path / "notes.txt", "line 2 is not")):
     if victim.suffix == ".txt":
