@@ -10,13 +10,16 @@ ROC-AUC. The protocol reads the test split once, at the end:
    validation fine ROC-AUC (`choose`);
 2. final: the chosen candidate of every head, and the four models with the GMP head at matched capacity and at matched
    compute (`final_variants`), train for each seed (a selection run with the same seed is reused);
-3. test: the best checkpoint of every final run is evaluated on the test split and on the same test pieces rendered
-   with the held-out SoundFont (FluidR3_GM; skipped with a note where it is not installed). Nothing is chosen on
-   either.
+3. test: as soon as a run finishes, its best checkpoint is scored on the test split and on the same test pieces
+   rendered with the held-out SoundFont (FluidR3_GM; skipped with a note where it is not installed), and the scores
+   are kept apart, in `<out>/test_scores.jsonl`. Nothing reads them until every choice is made and every final run
+   trained, and only the final runs' are reported: nothing is chosen on either. They are taken at once, not at the
+   end, because the study outlives the machines it runs on: its records move on, its checkpoints do not.
 
 `<out>/runs.jsonl` gets one line per finished training run (its best validation score, best and stopping epochs),
-`<out>/results.jsonl` one per tested final run, `<out>/results.md` the tables. A rerun skips what is finished and
-resumes an interrupted run, so the study can be stopped and continued at any point.
+`<out>/test_scores.jsonl` one per scored run, `<out>/results.jsonl` one per final run, `<out>/results.md` the tables.
+A rerun skips what is recorded and resumes an interrupted run, so the study can be stopped and continued at any point,
+also on another machine with only the two records (this repository keeps `study_out`'s).
 """
 import json
 import math
@@ -84,6 +87,7 @@ MODELS = {
 COLUMNS = (("roc_auc", "fine ROC-AUC"), ("pr_auc", "fine PR-AUC"), ("coarse_roc_auc", "coarse ROC-AUC"),
            ("coarse_pr_auc", "coarse PR-AUC"), ("violation_rate", "violation rate"))
 HELD_OUT = "heldout_"
+TEST_SCORES = "test_scores.jsonl"  # sealed: read only for the final runs, after every choice
 DELTA_KEYS = (("roc_auc", "fine ROC-AUC"), ("coarse_roc_auc", "coarse ROC-AUC"),
               (HELD_OUT + "roc_auc", "held-out fine ROC-AUC"), (HELD_OUT + "coarse_roc_auc", "held-out coarse ROC-AUC"))
 
@@ -222,8 +226,10 @@ def progress(runs: list[dict], total: int) -> str:
   return line
 
 
-def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed: int, total: int) -> None:
-  """Trains one run unless `<out>/runs.jsonl` has it; appends its line there."""
+def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed: int, total: int,
+           held_out_dir) -> None:
+  """Trains one run unless `<out>/runs.jsonl` has it; scores it into `<out>/test_scores.jsonl` (sealed until the
+  end), then appends its line to runs.jsonl."""
   path = os.path.join(out, "runs.jsonl")
   runs = read_lines(path)
   if any((r["run"], r["seed"]) == (name, seed) for r in runs):
@@ -235,6 +241,7 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
     train.train_and_evaluate(config, workdir)
   finally:  # also when a stop request ends this start (SystemExit): the run resumes later
     seconds = add_training_seconds(workdir, time.time() - start)
+  _append(os.path.join(out, TEST_SCORES), {"run": name, "seed": seed, **final_scores(workdir, held_out_dir)})
   record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
                  "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "overrides": overrides})
@@ -251,29 +258,27 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   candidates = HEAD_CANDIDATES if candidates is None else candidates
   models = MODELS if models is None else models
   builds.build_set(base_config.data.data_dir, data_options)
+  held_out = builds.build_held_out(os.path.join(out, "data_heldout"), data_options)
   total = planned_runs(candidates, models, seeds, selection_seeds)
   # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
   for seed in selection_seeds:
     for variant, names in candidates.items():
       for name, overrides in names.items() if len(names) > 1 else ():
-        _train(base_config, out, variant, name, overrides, seed, total)
+        _train(base_config, out, variant, name, overrides, seed, total, held_out)
   chosen = choose(read_lines(os.path.join(out, "runs.jsonl")), candidates, selection_seeds)
   print("chosen on validation: " + ", ".join(f"{v} {n}" for v, n in chosen.items()), flush=True)
   final = final_variants(base_config, candidates, chosen, models, budget_epochs)
   for seed in seeds:
     for variant, (name, overrides) in final.items():
-      _train(base_config, out, variant, name, overrides, seed, total)
-  # Only now, once every choice is made and every run trained, the test pieces are read: once per final run.
-  held_out = builds.build_held_out(os.path.join(out, "data_heldout"), data_options)
+      _train(base_config, out, variant, name, overrides, seed, total, held_out)
+  # Only now, once every choice is made and every run trained, the sealed scores are read: the final runs' only.
   runs = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, "runs.jsonl"))}
-  results_path = os.path.join(out, "results.jsonl")
-  done = {(r["variant"], r["seed"]) for r in read_lines(results_path)}
-  for seed in seeds:
-    for variant, (name, _) in final.items():
-      if (variant, seed) not in done:
-        _append(results_path, {**runs[name, seed], "variant": variant,
-                                **final_scores(_workdir(out, name, seed), held_out)})
-  return read_lines(results_path)
+  scores = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, TEST_SCORES))}  # the last of repeats
+  results = [{**runs[name, seed], "variant": variant, **scores[name, seed]}
+             for seed in seeds for variant, (name, _) in final.items()]
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in results)
+  return results
 
 
 def final_scores(workdir: str, held_out_dir) -> dict:
@@ -282,7 +287,7 @@ def final_scores(workdir: str, held_out_dir) -> dict:
   if held_out_dir is not None:
     result = evaluation.evaluate_checkpoint(workdir, "best", "test", data_dir=held_out_dir)[0]
     scores.update({HELD_OUT + k: v for k, v in evaluation.headline(result).items()})
-  print(f"{workdir}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+  print(f"{workdir}: scored on the test pieces (sealed until the end)", flush=True)
   return scores
 
 

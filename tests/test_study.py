@@ -1,8 +1,8 @@
 """The heads study: every candidate is a valid model, the statistics and tables are right, and the protocol chooses on
-validation only, reads the test split once at the end, and resumes."""
-import json
+validation only, seals the test scores until every choice is made, and resumes from its records."""
 import math
 import re
+import shutil
 import sys
 import time
 
@@ -179,7 +179,7 @@ def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train, "train_and_evaluate", stopped)
   with pytest.raises(SystemExit):
-    study._train(study_config.get_config(), str(tmp_path), "gmp", "gmp_cw1", {}, 0, 1)
+    study._train(study_config.get_config(), str(tmp_path), "gmp", "gmp_cw1", {}, 0, 1, None)
   workdir = tmp_path / "runs" / "gmp_cw1" / "seed_0"
   first = float((workdir / "study_seconds.txt").read_text())
   assert 0.2 <= first < 5
@@ -188,11 +188,13 @@ def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_data_dir, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_its_records(
+    synth_data_dir, tmp_path, monkeypatch, capsys):
   """A tiny study end to end: selection of gmp's coarse weight, the final pass of flat and the chosen gmp (reusing
-  its selection run: one seed for both passes, to keep this short), then the test split and its held-out rendering,
-  read only for the final runs and only after every run trained; a rerun trains and evaluates nothing."""
+  its selection run: one seed for both passes, to keep this short). Each run is scored on the test split and its
+  held-out rendering when it finishes, into the sealed file, which neither the runs' records nor the choice read;
+  the results are the final runs' scores only. A rerun with the records alone (checkpoints deleted, as on another
+  machine) trains and evaluates nothing."""
   events = []
   train_and_evaluate, evaluate_checkpoint = train.train_and_evaluate, evaluation.evaluate_checkpoint
 
@@ -214,19 +216,22 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
   runs = study.read_lines(tmp_path / "runs.jsonl")
   for r in runs:  # the time of every start, here one
     assert r["seconds"] == float((tmp_path / "runs" / r["run"] / "seed_0" / "study_seconds.txt").read_text())
+  assert not any("roc_auc" in r or study.HELD_OUT + "roc_auc" in r for r in runs)  # validation only
   chosen = study.choose(runs, candidates, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
   assert trained == [("gmp_cw0.5", 0), ("gmp_cw1", 0), ("flat", 0)]  # the chosen gmp run is reused
   assert _announced(capsys.readouterr().out) == ["1/3", "2/3", "3/3"]
   # Patience 1: a run stops one validation after its best, or at its last epoch.
   assert all(r["stop_epoch"] == (r["best_epoch"] + 1 if r["stopped_early"] else 2) for r in runs)
-  first_test = next(i for i, e in enumerate(events) if e[0] == "test")
-  assert all(e[0] == "train" for e in events[:first_test]) and len(events[:first_test]) == 3
-  assert all(e[0] == "test" for e in events[first_test:])
-  tested = {e[1] for e in events[first_test:]}
-  assert tested == {str(tmp_path / "runs" / n / "seed_0") for n in ("flat", chosen)}
   held_out = render.find_soundfont(builds.HELD_OUT_SOUNDFONT) is not None
-  assert len(events[first_test:]) == 2 * (2 if held_out else 1)
+  per_run = 1 + (2 if held_out else 1)  # trained, then scored on the test split (and its held-out rendering)
+  assert len(events) == 3 * per_run
+  for i, (name, _) in enumerate(trained):
+    workdir = str(tmp_path / "runs" / name / "seed_0")
+    run_events = events[i * per_run:(i + 1) * per_run]
+    assert run_events[0] == ("train", workdir) and all(e[:2] == ("test", workdir) for e in run_events[1:])
+  sealed = study.read_lines(tmp_path / study.TEST_SCORES)
+  assert [(r["run"], r["seed"]) for r in sealed] == trained
   assert sorted((r["variant"], r["seed"], r["run"]) for r in results) == [("flat", 0, "flat"), ("gmp", 0, chosen)]
   assert all(("heldout_roc_auc" in r) == held_out and "coarse_roc_auc" in r for r in results)
   result, _, _ = evaluate_checkpoint(str(tmp_path / "runs" / chosen / "seed_0"), "best", "test")
@@ -235,12 +240,12 @@ def test_protocol_chooses_on_validation_tests_once_at_the_end_and_resumes(synth_
     assert line[key] == pytest.approx(value, abs=1e-6)
 
   events.clear()
+  shutil.rmtree(tmp_path / "runs")
   assert study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={}) == results
   assert not events
   text = open(study.write_tables(results, runs, str(tmp_path), candidates, [0])).read()
   assert f"| gmp | {chosen} |" in text and "| gmp | fine ROC-AUC |" in text
-  with open(tmp_path / "results.jsonl") as f:
-    assert len([json.loads(line) for line in f]) == 2
+  assert study.read_lines(tmp_path / "results.jsonl") == results
 
 
 def test_results_md_has_the_selection_the_tables_the_deltas_and_the_runs(tmp_path):
