@@ -33,7 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from data_prep.synth_instruments import builds, render
-from flaxtag import cli, sharding, train
+from flaxtag import checkpoint, cli, sharding, train
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError
 from flaxtag.hierarchy import Hierarchy
@@ -274,11 +274,28 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   # Only now, once every choice is made and every run trained, the sealed scores are read: the final runs' only.
   runs = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, "runs.jsonl"))}
   scores = {(r["run"], r["seed"]): r for r in read_lines(os.path.join(out, TEST_SCORES))}  # the last of repeats
+  for seed in seeds:
+    for name, _ in final.values():
+      if (name, seed) not in scores:
+        scores[name, seed] = _score_recorded_run(out, name, seed, held_out)
   results = [{**runs[name, seed], "variant": variant, **scores[name, seed]}
              for seed in seeds for variant, (name, _) in final.items()]
   with open(os.path.join(out, "results.jsonl"), "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in results)
   return results
+
+
+def _score_recorded_run(out: str, name: str, seed: int, held_out_dir) -> dict:
+  """The sealed scores of a recorded run that test_scores.jsonl lacks (the file lost or not copied), from its
+  checkpoint where this machine has it; appended there."""
+  workdir = _workdir(out, name, seed)
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise ConfigError(f"run {name!r}, seed {seed}, is in {os.path.join(out, 'runs.jsonl')} but has no line in "
+                      f"{os.path.join(out, TEST_SCORES)} and no checkpoint in {workdir}: copy that file from where the "
+                      "run was trained, or delete the run's line from runs.jsonl to train it again.")
+  line = {"run": name, "seed": seed, **final_scores(workdir, held_out_dir)}
+  _append(os.path.join(out, TEST_SCORES), line)
+  return line
 
 
 def final_scores(workdir: str, held_out_dir) -> dict:

@@ -239,10 +239,21 @@ def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_i
   for key, value in evaluation.headline(result).items():
     assert line[key] == pytest.approx(value, abs=1e-6)
 
+  # test_scores.jsonl lost: the final runs are scored again from their checkpoints, to the same figures.
+  (tmp_path / study.TEST_SCORES).unlink()
+  events.clear()
+  assert study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={}) == results
+  assert {e[1] for e in events} == {str(tmp_path / "runs" / n / "seed_0") for n in ("flat", chosen)}
+  assert all(e[0] == "test" for e in events)
+  # The records alone, as on another machine: nothing is trained or evaluated.
   events.clear()
   shutil.rmtree(tmp_path / "runs")
   assert study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={}) == results
   assert not events
+  # Neither the scores nor the checkpoints: one clear error naming what to do.
+  (tmp_path / study.TEST_SCORES).unlink()
+  with pytest.raises(ConfigError, match="has no line in .*test_scores.jsonl and no checkpoint"):
+    study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={})
   text = open(study.write_tables(results, runs, str(tmp_path), candidates, [0])).read()
   assert f"| gmp | {chosen} |" in text and "| gmp | fine ROC-AUC |" in text
   assert study.read_lines(tmp_path / "results.jsonl") == results
