@@ -75,7 +75,9 @@ def test_sbatch_two_tasks_requeue_and_scancel_resume_exactly(slurm_cluster, synt
   log_path = tmp_path / f"flaxtag-{job}.out"
 
   # 1. scontrol requeue: both tasks save one step and exit; SLURM starts the job again and it resumes.
-  _wait(lambda: last_logged_step(workdir) >= 2, "the first training steps")
+  # After the first validation (step 2, the epoch's end) and its save: a stop that lands in the first validation
+  # waits for the eval step's compile, which on a slow machine outlasts SLURM's 32 s between SIGTERM and SIGKILL.
+  _wait(lambda: last_logged_step(workdir) >= 3, "the first training steps after the first validation")
   _sh("scontrol", "requeue", job)
   _wait(lambda: len(_saved_steps(log_path.read_text())) == 2, "both tasks to save after the requeue", timeout=300)
   first_stop = _saved_steps(log_path.read_text())
