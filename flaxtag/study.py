@@ -3,7 +3,7 @@
   python -m flaxtag.study [--out study_out] [--seeds 0,1,2] [--selection_seeds 0,1] [--config.train.num_epochs=80]
 
 Every run trains the study's Spec+Att backbone (configs/study.py) until early stopping on the validation fine
-ROC-AUC. The protocol reads the test split once, at the end:
+ROC-AUC. The protocol chooses on the validation split alone and seals the test scores until the end:
 
 1. selection: every candidate of a head with more than one (`HEAD_CANDIDATES`: the ResAtt forms, the coarse weight
    w_c, λ of the hierarchy loss) trains for each selection seed; each head keeps the candidate with the best mean
@@ -241,7 +241,7 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
     train.train_and_evaluate(config, workdir)
   finally:  # also when a stop request ends this start (SystemExit): the run resumes later
     seconds = add_training_seconds(workdir, time.time() - start)
-  _append(os.path.join(out, TEST_SCORES), {"run": name, "seed": seed, **final_scores(workdir, held_out_dir)})
+  _seal_scores(out, name, seed, held_out_dir)
   record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
                  "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "overrides": overrides})
@@ -293,7 +293,12 @@ def _score_recorded_run(out: str, name: str, seed: int, held_out_dir) -> dict:
     raise ConfigError(f"run {name!r}, seed {seed}, is in {os.path.join(out, 'runs.jsonl')} but has no line in "
                       f"{os.path.join(out, TEST_SCORES)} and no checkpoint in {workdir}: copy that file from where the "
                       "run was trained, or delete the run's line from runs.jsonl to train it again.")
-  line = {"run": name, "seed": seed, **final_scores(workdir, held_out_dir)}
+  return _seal_scores(out, name, seed, held_out_dir)
+
+
+def _seal_scores(out: str, name: str, seed: int, held_out_dir) -> dict:
+  """Scores the run's best checkpoint (`final_scores`) and appends the line to `<out>/test_scores.jsonl`."""
+  line = {"run": name, "seed": seed, **final_scores(_workdir(out, name, seed), held_out_dir)}
   _append(os.path.join(out, TEST_SCORES), line)
   return line
 
