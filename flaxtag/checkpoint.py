@@ -33,11 +33,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flaxtag.sharding import barrier
 from flaxtag.errors import CheckpointError
 
 T = TypeVar("T")
@@ -392,8 +392,7 @@ def set_aside_steps_after(manager: ocp.CheckpointManager, step: int, workdir) ->
         target, n = os.path.join(damaged_dir, f"{s}.{n}"), n + 1
       shutil.move(os.path.join(os.fspath(manager.directory), str(s)), target)
   if moved:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("flaxtag: damaged steps set aside")
+    barrier("damaged steps set aside")
     manager.reload()
   return moved
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flaxtag import sharding
 from flaxtag.errors import FlaxtagError
 
 LOCK_FILE = "train.lock"
@@ -38,6 +39,9 @@ def hold(workdir):
     except WorkdirBusy as e:
       busy = e
   if jax.process_count() > 1:
+    # Together into the run's first collective (see sharding.meet_before_first_run): it sets up the communicators
+    # that this broadcast, early stopping's and orbax's own barriers use later.
+    sharding.barrier("run lock")
     got_it = bool(multihost_utils.broadcast_one_to_all(np.array(busy is None)))
     if not got_it and busy is None:
       busy = WorkdirBusy(_busy_message(path))

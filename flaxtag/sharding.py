@@ -6,6 +6,7 @@ statistics and the optimizer state are replicated. flaxtag's models have 0.3–7
 Adam's moments), so splitting them over devices would add communication and save no memory worth having.
 The train and eval steps only see global arrays and shardings.
 """
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -14,10 +15,15 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
+from orbax.checkpoint import multihost
 
 from flaxtag.errors import ConfigError
 
 DATA_AXIS = "data"
+# How long a process waits at a barrier for the others: long enough for the slowest compile of a train step on an
+# overloaded host (minutes); a process that died ends the wait sooner (the coordination service reports it).
+BARRIER_TIMEOUT_S = 1800
+_barrier_numbers = itertools.count()
 
 
 def split_cpu(num_devices: int | None = None) -> None:
@@ -123,3 +129,36 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """This process's rows of a global batch → global arrays sharded over `data`."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of the run reaches this barrier; nothing with one process. The coordination
+  service's barrier, not a device collective (`jax.experimental.multihost_utils.sync_global_devices` is one, and
+  on CPUs its first run has the 30-s limit described in `meet_before_first_run`). Every process must call the same
+  barriers in the same order: the name gets a sequence number, since a barrier's name may be used only once."""
+  multihost.get_barrier_sync_fn()(key=f"flaxtag {next(_barrier_numbers)}: {name}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+def meet_before_first_run(jitted, name: str):
+  """`jitted` (a `jax.jit` function) such that, in a CPU run of several processes, the processes start each of its
+  executables together: a new input signature is compiled ahead of time, the processes meet at a `barrier`, then
+  the compiled executable runs. Elsewhere it calls `jitted`.
+
+  Why: the first run of a collective across processes on CPUs sets up a gloo communicator for its device group,
+  and gloo gives up when the other processes have not joined within 30 s (`Gloo context initialization failed:
+  DEADLINE_EXCEEDED: GetKeyValue() timed out`; no XLA or JAX setting reaches that limit). Processes whose
+  compiles end further apart (a slower or busier host, or a restore that took longer) would fail. Later runs
+  reuse the communicator and wait as long as they must."""
+  executables = {}
+
+  def run(*args):
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+      return jitted(*args)
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+    if signature not in executables:
+      executables[signature] = jitted.lower(*args).compile()
+      barrier(f"first run of {name}")
+    return executables[signature](*args)
+
+  return run

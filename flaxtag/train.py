@@ -313,8 +313,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   run = setup(config)
   tx = optim.make_optimizer(run.optim_config)
   state = create_train_state(run.model, tx, jax.random.key(config.seed), run.mesh)
-  train_step = make_train_step(run.model, tx, config.seed, run.mesh)
-  predict_step = make_predict_step(run.model, run.mesh)
+  train_step = sharding.meet_before_first_run(make_train_step(run.model, tx, config.seed, run.mesh), "train step")
+  predict_step = sharding.meet_before_first_run(make_predict_step(run.model, run.mesh), "eval step")
   data_iterator = input_pipeline.train_iterator(
       config.data.data_dir, config.data.name, batch_size=run.local_batch_size,
       crop_len=tagger.crop_samples(run.model), seed=config.seed, worker_count=config.data.worker_count,

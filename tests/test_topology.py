@@ -22,7 +22,7 @@ from flaxtag.errors import CheckpointError
 from flaxtag.inference import Tagger
 
 from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, devices_env, last_logged_step, records, run_config,
-                        start_two_processes, train_command, wait_for)
+                        start_two_processes, train_command, wait_for, wait_for_processes)
 
 pytestmark = pytest.mark.slow  # every test trains, or runs commands in processes of their own
 
@@ -104,8 +104,7 @@ def test_stopped_on_eight_devices_resumes_on_four_and_on_two_processes(synth_dat
   assert_logged_once(workdir)
 
   processes, logs = start_two_processes(synth_data_dir, copy, tmp_path / "two_processes", 2, **SGD)
-  for p, log in zip(processes, logs):
-    assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
+  wait_for_processes(processes, logs, timeout=600)
   assert_same_model(copy, sgd_run)
   assert_logged_once(copy)
 

@@ -59,6 +59,15 @@ def start_two_processes(data_dir, workdir, log_dir, devices: int, **overrides):
   return processes, logs
 
 
+def wait_for_processes(processes, logs, timeout: float):
+  """Waits for every process of a run; asserts each exited with status 0, showing every process's log tail where
+  one did not (a process that fails early often makes the other fail later, at a collective or at shutdown)."""
+  codes = [p.wait(timeout=timeout) for p in processes]
+  tails = "\n".join(f"--- process {i} (exit {c}): {log.read_text()[-2500:]}" for i, (c, log) in
+                    enumerate(zip(codes, logs)))
+  assert codes == [0] * len(processes), tails
+
+
 def devices_env(devices: int) -> dict[str, str]:
   """The environment of a process with its own number of CPU devices."""
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
