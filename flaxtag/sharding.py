@@ -1,5 +1,5 @@
-"""Device mesh, batch sharding and start-up (CPU devices, joining other hosts): the one place that knows about
-devices and hosts.
+"""Device mesh, batch sharding, start-up (CPU devices, joining other hosts) and keeping processes in step (barriers,
+compiled steps they start together): the one place that knows about devices and hosts.
 
 Data parallelism only: the mesh has one `data` axis over which batches are split, and parameters, BatchNorm
 statistics and the optimizer state are replicated. flaxtag's models have 0.3–7 M parameters (a few tens of MB with
