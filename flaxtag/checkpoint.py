@@ -37,8 +37,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flaxtag.sharding import barrier
 from flaxtag.errors import CheckpointError
+from flaxtag.sharding import barrier
 
 T = TypeVar("T")
 

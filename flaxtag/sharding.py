@@ -142,18 +142,19 @@ def barrier(name: str) -> None:
 def meet_before_first_run(jitted, name: str):
   """`jitted` (a `jax.jit` function) such that, in a CPU run of several processes, the processes start each of its
   executables together: a new input signature is compiled ahead of time, the processes meet at a `barrier`, then
-  the compiled executable runs. Elsewhere it calls `jitted`.
+  the compiled executable runs. Elsewhere (one process, or GPUs and TPUs) it returns `jitted` itself, so call it
+  after joining the other processes (`initialize_distributed`).
 
   Why: the first run of a collective across processes on CPUs sets up a gloo communicator for its device group,
   and gloo gives up when the other processes have not joined within 30 s (`Gloo context initialization failed:
   DEADLINE_EXCEEDED: GetKeyValue() timed out`; no XLA or JAX setting reaches that limit). Processes whose
   compiles end further apart (a slower or busier host, or a restore that took longer) would fail. Later runs
   reuse the communicator and wait as long as they must."""
+  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+    return jitted
   executables = {}
 
   def run(*args):
-    if jax.process_count() == 1 or jax.default_backend() != "cpu":
-      return jitted(*args)
     leaves, treedef = jax.tree.flatten(args)
     signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
     if signature not in executables:
