@@ -37,9 +37,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from flaxtag import host  # noqa: E402
 from flaxtag.inference import Tagger  # noqa: E402
 from flaxtag.models import layers, tagger  # noqa: E402
-from train_throughput import (LABELS, MODELS, MatmulPeak, analytic_forward_flops, cpu_model,  # noqa: E402
+from train_throughput import (LABELS, MODELS, MatmulPeak, analytic_forward_flops,  # noqa: E402
                               load_average, model_config, print_run_conditions, print_table)
 
 
@@ -106,7 +107,7 @@ def main(argv=None):
   def summary(results) -> str:
     return json.dumps({
         "benchmark": "inference_throughput", "mode": "infer", "device": device.device_kind,
-        "platform": device.platform, "host": cpu_model(), "jax": jax.__version__,
+        "platform": device.platform, "host": host.describe(), "jax": jax.__version__,
         "half_precision": args.half_precision, "kernels": "cpu" if layers.cpu_kernels("auto") else "plain",
         "load_average_before": load_before[:3], "load_average": load_average()[:3],
         "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results})

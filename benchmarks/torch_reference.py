@@ -29,8 +29,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_throughput import analytic_forward_flops, cpu_model, load_average, model_config  # noqa: E402
-from flaxtag import audio  # noqa: E402
+from benchmarks.train_throughput import analytic_forward_flops, load_average, model_config  # noqa: E402
+from flaxtag import audio, host  # noqa: E402
 
 
 class ConvBN(nn.Module):
@@ -311,11 +311,11 @@ def main(argv=None):
   results = {
       "train": timed(train_step, args.steps, args.warmup, 3 * forward_flops * args.batch_size, peak),
       "eval_forward": timed(eval_forward, args.steps, args.warmup, forward_flops * args.batch_size, peak)}
-  results.update(torch=torch.__version__, threads=args.threads, batch_size=args.batch_size, cpu=cpu_model(),
+  results.update(torch=torch.__version__, threads=args.threads, batch_size=args.batch_size, cpu=host.describe(),
                  peak_gflops_median=statistics.median(peak.samples) / 1e9, load_before=load_before,
                  load_after=load_average())
   train, forward = results["train"], results["eval_forward"]
-  print(f"PyTorch {torch.__version__}, {args.threads} threads, {cpu_model()}, load {load_before[0]:.2f} → "
+  print(f"PyTorch {torch.__version__}, {args.threads} threads, {host.describe()}, load {load_before[0]:.2f} → "
         f"{results['load_after'][0]:.2f}, fp32 matmul peak median {results['peak_gflops_median']:.1f} GFLOP/s")
   print(f"Spec+Att training: {train['s_per_step']:.3f} s/step, {args.batch_size / train['s_per_step']:.2f} samples/s, "
         f"MFU {100 * train['mfu']:.1f} % ({100 * train['mfu_range'][0]:.0f}–{100 * train['mfu_range'][1]:.0f})")

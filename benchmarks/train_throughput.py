@@ -28,7 +28,6 @@ Do not run it under tests/conftest.py's 8-device setting: that splits the CPU in
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base  # noqa: E402
-from flaxtag import optim, sharding, train_step  # noqa: E402
+from flaxtag import host, optim, sharding, train_step  # noqa: E402
 from flaxtag.models import frontends, layers, tagger  # noqa: E402
 
 # name → (front-end, back-end), SPEC §2–3.
@@ -126,19 +125,10 @@ def analytic_forward_flops(name: str, config) -> float:
 # Measurements.
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0]}, {os.cpu_count()} cores" if names else platform.machine()
-  except OSError:
-    return platform.processor() or platform.machine()
-
-
 def print_run_conditions(device, load_before, peak, what: str) -> list[float]:
   """Prints where and under what load the figures below were measured, and the matmul peak; returns the load."""
   load = load_average()
-  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {cpu_model()}), "
+  print(f"device: {device.device_kind} ({device.platform}, {len(jax.devices())} device(s); host {host.describe()}), "
         f"jax {jax.__version__}, load average (1 min) {load_before[0]:.2f} before, {load[0]:.2f} after")
   print(f"{jnp.dtype(peak.a.dtype).name} {peak.size}x{peak.size} matmul peak, measured around every timed {what}: "
         f"median {statistics.median(peak.samples) / 1e9:.1f} GFLOP/s (min {min(peak.samples) / 1e9:.0f}, "
@@ -210,7 +200,8 @@ def benchmark_model(name: str, args, mesh, peak: MatmulPeak) -> dict:
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  xla_per_sample = xla_flops(compiled) / args.batch_size
+  # cost_analysis counts one device's share of the partitioned program.
+  xla_per_sample = xla_flops(compiled) * mesh.size / args.batch_size
 
   def run(state):
     return block(compiled(state, batch))
@@ -270,7 +261,7 @@ def main(argv=None):
   def summary(results) -> str:
     return json.dumps({
         "benchmark": "train_throughput", "mode": "train", "device": device.device_kind,
-        "platform": device.platform, "host": cpu_model(), "jax": jax.__version__,
+        "platform": device.platform, "host": host.describe(), "jax": jax.__version__,
         "half_precision": args.half_precision, "kernels": kernels, "load_average_before": load_before,
         "load_average": load_average(), "peak_gflop_per_s": statistics.median(peak.samples) / 1e9,
         "peak_min_gflop_per_s": min(peak.samples) / 1e9, "peak_max_gflop_per_s": max(peak.samples) / 1e9,

@@ -16,7 +16,8 @@ ROC-AUC. The protocol chooses on the validation split alone and seals the test s
    trained, and only the final runs' are reported: nothing is chosen on either. They are taken at once, not at the
    end, because the study outlives the machines it runs on: its records move on, its checkpoints do not.
 
-`<out>/runs.jsonl` gets one line per finished training run (its best validation score, best and stopping epochs),
+`<out>/runs.jsonl` gets one line per finished training run (its best validation score, best and stopping epochs, the
+machine that finished it),
 `<out>/test_scores.jsonl` one per scored run, `<out>/results.jsonl` one per final run, `<out>/results.md` the tables.
 A rerun skips what is recorded and resumes an interrupted run, so the study can be stopped and continued at any point,
 also on another machine with only the two records (this repository keeps `study_out`'s).
@@ -33,7 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from data_prep.synth_instruments import builds, render
-from flaxtag import checkpoint, cli, sharding, train
+from flaxtag import checkpoint, cli, host, sharding, train
 from flaxtag import eval as evaluation
 from flaxtag.errors import ConfigError
 from flaxtag.hierarchy import Hierarchy
@@ -244,7 +245,8 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
   _seal_scores(out, name, seed, held_out_dir)
   record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
-                 "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "overrides": overrides})
+                 "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "machine": host.describe(),
+                 "overrides": overrides})
   jax.clear_caches()  # each variant compiles new functions; keep memory flat over the study
 
 

@@ -12,7 +12,7 @@ import pytest
 import train_runs
 from configs import study as study_config
 from data_prep.synth_instruments import builds, render
-from flaxtag import study
+from flaxtag import host, study
 from flaxtag import eval as evaluation
 from flaxtag import train
 from flaxtag.errors import ConfigError
@@ -214,8 +214,9 @@ def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_i
   results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={})
 
   runs = study.read_lines(tmp_path / "runs.jsonl")
-  for r in runs:  # the time of every start, here one
+  for r in runs:  # the time of every start, here one, and the machine that finished it
     assert r["seconds"] == float((tmp_path / "runs" / r["run"] / "seed_0" / "study_seconds.txt").read_text())
+    assert r["machine"] == host.describe()
   assert not any("roc_auc" in r or study.HELD_OUT + "roc_auc" in r for r in runs)  # validation only
   chosen = study.choose(runs, candidates, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
