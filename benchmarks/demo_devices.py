@@ -59,6 +59,9 @@ def main():
   parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._child:  # pylint: disable=protected-access
+    sys.path.insert(0, REPO)
+    from flaxtag import host  # pylint: disable=g-import-not-at-top
+    host.restart_with_allocator_settings()  # as `python -m flaxtag.demo` trains (flaxtag/__init__.py)
     print(json.dumps(time_steps(args.steps)))
     return
   counts = [int(c) for c in args.counts.split(",")]

@@ -107,7 +107,8 @@ def main(argv=None):
   def summary(results) -> str:
     return json.dumps({
         "benchmark": "inference_throughput", "mode": "infer", "device": device.device_kind,
-        "platform": device.platform, "host": host.describe(), "jax": jax.__version__,
+        "platform": device.platform, "host": host.describe(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax": jax.__version__,
         "half_precision": args.half_precision, "kernels": "cpu" if layers.cpu_kernels("auto") else "plain",
         "load_average_before": load_before[:3], "load_average": load_average()[:3],
         "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results})
@@ -131,4 +132,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.restart_with_allocator_settings()  # as `python -m flaxtag.COMMAND` runs (flaxtag/__init__.py)
   main()

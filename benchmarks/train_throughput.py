@@ -261,7 +261,8 @@ def main(argv=None):
   def summary(results) -> str:
     return json.dumps({
         "benchmark": "train_throughput", "mode": "train", "device": device.device_kind,
-        "platform": device.platform, "host": host.describe(), "jax": jax.__version__,
+        "platform": device.platform, "host": host.describe(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax": jax.__version__,
         "half_precision": args.half_precision, "kernels": kernels, "load_average_before": load_before,
         "load_average": load_average(), "peak_gflop_per_s": statistics.median(peak.samples) / 1e9,
         "peak_min_gflop_per_s": min(peak.samples) / 1e9, "peak_max_gflop_per_s": max(peak.samples) / 1e9,
@@ -294,4 +295,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.restart_with_allocator_settings()  # as `python -m flaxtag.COMMAND` runs (flaxtag/__init__.py)
   main()
