@@ -50,6 +50,14 @@ def allocator_environment(environ, libc_version: str | None) -> dict | None:
   return {**environ, "GLIBC_TUNABLES": ":".join(ALLOCATOR_TUNABLES + ((present,) if present else ()))}
 
 
+def libc_version() -> str | None:
+  """E.g. 'glibc 2.36'; None where the C library does not say (macOS, musl, Windows)."""
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION")
+  except (AttributeError, ValueError, OSError):  # no confstr, or no such name on this system
+    return None
+
+
 def runs_command(orig_argv: list[str]) -> bool:
   """Whether the interpreter was started as `python [options] -m flaxtag.COMMAND ...`."""
   arguments = iter(orig_argv[1:])
@@ -75,7 +83,7 @@ def restart_with_allocator_settings() -> None:
   then stays at the process's peak. glibc reads its tunables only at start-up, hence the restart, which must come
   before anything that should happen once: flaxtag/__init__.py does it first thing for `python -m flaxtag.COMMAND`.
   """
-  environ = allocator_environment(os.environ, os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None)
+  environ = allocator_environment(os.environ, libc_version())
   if environ is not None:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,7 +14,7 @@ from flaxtag import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNABLES = ":".join(host.ALLOCATOR_TUNABLES)
-GLIBC = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc") if hasattr(os, "confstr") else False
+GLIBC = (host.libc_version() or "").startswith("glibc")
 
 X86 = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -51,6 +51,15 @@ def test_the_allocator_environment_adds_the_tunables_once_before_a_users_own_and
   assert host.runs_command(["python", "-X", "importtime", "-m", "flaxtag.tag", "music/"])
   assert not host.runs_command(["python", "-m", "pytest", "tests"])
   assert not host.runs_command(["python", "script.py", "-m", "flaxtag.train"])  # the script's own arguments
+
+
+def test_the_libc_version_is_none_where_the_system_does_not_name_it(monkeypatch):
+  def unknown_name(name):
+    raise ValueError(f"unrecognized configuration name {name}")  # what macOS's os.confstr raises
+  monkeypatch.setattr(os, "confstr", unknown_name)
+  assert host.libc_version() is None
+  monkeypatch.delattr(os, "confstr")  # Windows
+  assert host.libc_version() is None
 
 
 def _interpreter_starts(tmp_path, environ) -> list[str]:
