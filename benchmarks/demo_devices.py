@@ -23,7 +23,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def time_steps(steps: int) -> dict:
   """Median seconds per step of the demo's jit-compiled train step over this process's devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, REPO)
   from configs import demo  # pylint: disable=g-import-not-at-top
   from data_prep.synth_instruments import render  # pylint: disable=g-import-not-at-top
   from flaxtag import optim, sharding  # pylint: disable=g-import-not-at-top
@@ -59,7 +58,7 @@ def main():
   parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._child:  # pylint: disable=protected-access
-    sys.path.insert(0, REPO)
+    sys.path.insert(0, REPO)  # flaxtag and configs, for this and time_steps
     from flaxtag import host  # pylint: disable=g-import-not-at-top
     host.restart_with_allocator_settings()  # as `python -m flaxtag.demo` trains (flaxtag/__init__.py)
     print(json.dumps(time_steps(args.steps)))

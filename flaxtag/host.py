@@ -79,9 +79,10 @@ def restart_with_allocator_settings() -> None:
   ends. glibc serves blocks that large with mmap, even with mmap disabled when the thread's arena is not the main
   one, so each step's buffers come back from the kernel as fresh 4-KiB pages, faulted in and zeroed one by one:
   about 240,000 page faults and 0.3 s of system time in a 1.25-s step on a 2-core Xeon. Huge pages and a heap that
-  keeps what is freed remove nearly all of them (BENCHMARKS.md: training steps 10-20 % faster); the resident memory
-  then stays at the process's peak. glibc reads its tunables only at start-up, hence the restart, which must come
-  before anything that should happen once: flaxtag/__init__.py does it first thing for `python -m flaxtag.COMMAND`.
+  keeps what is freed remove nearly all of them (BENCHMARKS.md: training steps 1.13-1.24x faster); the resident
+  memory then stays at the process's peak. glibc reads its tunables only at start-up, hence the restart, which must
+  come before anything that should happen once: flaxtag/__init__.py does it first thing for `python -m
+  flaxtag.COMMAND`.
   """
   environ = allocator_environment(os.environ, libc_version())
   if environ is not None:
