@@ -11,6 +11,10 @@
 #
 # The install needs PyPI (or a wheel cache through PIP_FIND_LINKS): jax[cuda13] if the driver supports CUDA 13
 # (nvidia-smi's "CUDA Version"), else jax[cuda12]. It is skipped when the virtualenv's JAX already runs on the GPU.
+# On an offline machine whose Python already has JAX for its GPU (with flax, optax, orbax-checkpoint), fetch the few
+# other packages the benchmarks import where pip can reach PyPI, carry the folder over, and install from it there:
+#   bash benchmarks/gpu_check.sh --download-wheels build/gpu_wheels [--wheel-python 3.12]     # here, then exits
+#   bash benchmarks/gpu_check.sh --skip-install --python python3 --wheels build/gpu_wheels    # there
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,8 +28,14 @@ LARGE_BATCH=256
 BATCH_SIZES=""
 STEPS=5
 BUDGET_S=460  # of the 8 minutes, all but a margin for writing the JSON
+WHEELS=""
+DOWNLOAD_WHEELS=""
+WHEEL_PYTHON=3.12
+# What the benchmarks import beyond a CUDA JAX stack, as module=requirement (the versions flaxtag is tested with).
+WHEEL_DEPS="ml_collections=ml-collections==1.1.0 soundfile=soundfile==0.14.0 soxr=soxr==1.1.0 _cffi_backend=cffi==2.1.1
+  pycparser=pycparser==3.12"
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --out) OUT=$(realpath -ms "$2"); shift 2 ;;
@@ -38,6 +48,9 @@ while [ $# -gt 0 ]; do
     --batch-sizes) BATCH_SIZES=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --budget) BUDGET_S=$2; shift 2 ;;
+    --wheels) WHEELS=$(realpath -ms "$2"); shift 2 ;;
+    --download-wheels) DOWNLOAD_WHEELS=$(realpath -ms "$2"); shift 2 ;;
+    --wheel-python) WHEEL_PYTHON=$2; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -46,9 +59,21 @@ START=$SECONDS
 cd "$REPO"
 mkdir -p "$(dirname "$OUT")"
 
+if [ -n "$DOWNLOAD_WHEELS" ]; then
+  mkdir -p "$DOWNLOAD_WHEELS"
+  "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DOWNLOAD_WHEELS" \
+    $(for dep in $WHEEL_DEPS; do echo "${dep#*=}"; done)
+  echo "gpu_check: wheels for CPython $WHEEL_PYTHON on x86-64 Linux in $DOWNLOAD_WHEELS; on the GPU machine:" \
+    "--skip-install --python python3 --wheels DIR"
+  exit 0
+fi
 if [ -z "$PYTHON" ]; then
   PYTHON=$VENV/bin/python
 fi
+PARTS=$(mktemp -d)
+trap 'rm -rf "$PARTS"' EXIT
 on_gpu() { "$1" -c "import jax; assert jax.default_backend() == 'gpu'" >/dev/null 2>&1; }
 if [ "$INSTALL" = 1 ] && [ -x "$PYTHON" ] && on_gpu "$PYTHON"; then
   echo "gpu_check: $PYTHON's JAX runs on the GPU already; not installing"
@@ -67,13 +92,25 @@ elif [ "$INSTALL" = 1 ]; then
   "$VENV/bin/python" -m pip install -q -e . "jax[$extra]"
 fi
 
+if [ -n "$WHEELS" ]; then
+  # Only what this Python lacks, into a folder of its own: the packages it has stay as they are.
+  missing=$("$PYTHON" - $WHEEL_DEPS <<'EOF'
+import importlib.util, sys
+print(" ".join(dep.split("=", 1)[1] for dep in sys.argv[1:] if importlib.util.find_spec(dep.split("=", 1)[0]) is None))
+EOF
+  )
+  if [ -n "$missing" ]; then
+    echo "gpu_check: installing from $WHEELS: $missing"
+    "$PYTHON" -m pip install -q --no-index --no-deps --find-links "$WHEELS" --target "$PARTS/site" $missing
+    export PYTHONPATH=$PARTS/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+fi
+
 if ! on_gpu "$PYTHON" && [ "$ALLOW_CPU" != 1 ]; then
   echo "gpu_check: $PYTHON's JAX does not run on the GPU; see its 'pip list | grep -i jax'." >&2
   exit 1
 fi
 
-PARTS=$(mktemp -d)
-trap 'rm -rf "$PARTS"' EXIT
 # Most important first: every mode and precision at batch 16, then at the large batch.
 for batch in $BATCH_SIZES; do
   for precision in fp32 bf16; do
