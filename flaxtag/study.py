@@ -246,7 +246,7 @@ def _train(base_config, out: str, variant: str, name: str, overrides: dict, seed
   record = training_record(read_lines(os.path.join(workdir, "metrics.jsonl")))
   _append(path, {"variant": variant, "run": name, "seed": seed, **record, **model_cost(config),
                  "epochs_budget": config.train.num_epochs, "seconds": round(seconds, 1), "machine": host.describe(),
-                 "overrides": overrides})
+                 "jax": jax.__version__, "overrides": overrides})
   jax.clear_caches()  # each variant compiles new functions; keep memory flat over the study
 
 

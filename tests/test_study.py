@@ -6,6 +6,7 @@ import shutil
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -214,9 +215,9 @@ def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_i
   results = study.run_study(config, str(tmp_path), TINY_SIZES, [0], [0], candidates, models={})
 
   runs = study.read_lines(tmp_path / "runs.jsonl")
-  for r in runs:  # the time of every start, here one, and the machine that finished it
+  for r in runs:  # the time of every start, here one, and the machine and JAX that finished it
     assert r["seconds"] == float((tmp_path / "runs" / r["run"] / "seed_0" / "study_seconds.txt").read_text())
-    assert r["machine"] == host.describe()
+    assert r["machine"] == host.describe() and r["jax"] == jax.__version__
   assert not any("roc_auc" in r or study.HELD_OUT + "roc_auc" in r for r in runs)  # validation only
   chosen = study.choose(runs, candidates, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
