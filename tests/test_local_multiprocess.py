@@ -27,8 +27,8 @@ def _children(pid: int) -> dict[int, int]:
 def test_a_process_that_dies_stops_the_other_and_the_launcher_exits_with_its_status(synth_data_dir, tmp_path):
   workdir = tmp_path / "run"
   env = {**os.environ, "FLAXTAG_PROCESSES": "2", "FLAXTAG_CPU_DEVICES": "1", "FLAXTAG_PORT": str(train_runs.free_port()),
-         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
-  env.pop("XLA_FLAGS", None)
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+         "XLA_FLAGS": train_runs.xla_flags_without_device_count()}
   flags = train_runs.config_flags(synth_data_dir, **{"train.num_epochs": 500})  # far longer than the test
   with open(tmp_path / "launcher.log", "w") as log:
     launcher = subprocess.Popen(["bash", str(LAUNCHER), f"{train_runs.REPO / 'configs' / 'synth.py'}:gmp",

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from train_runs import REPO, SGD, SGD_STEPS, assert_same_model, config_flags, last_logged_step, records
+from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, config_flags, last_logged_step, records,
+                        xla_flags_without_device_count)
 
 pytestmark = pytest.mark.slow  # a SLURM cluster and trainings under it
 
@@ -68,8 +69,8 @@ def test_sbatch_two_tasks_requeue_and_scancel_resume_exactly(slurm_cluster, synt
             f"{REPO / 'configs' / 'synth.py'}:gmp", str(workdir), *config_flags(synth_data_dir, **SGD)]
   # As a user would: the project's environment active, 4 CPU devices per task.
   env = {**os.environ, "FLAXTAG_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu",
-         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-  env.pop("XLA_FLAGS", None)
+         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+         "XLA_FLAGS": xla_flags_without_device_count()}
   started = time.time()
   job = _sh(*submit, env=env, cwd=tmp_path).split(";")[0]
   log_path = tmp_path / f"flaxtag-{job}.out"

@@ -15,7 +15,8 @@ import pytest
 from data_prep.synth_instruments.synth_instruments import SynthInstruments
 from flaxtag import checkpoint, optim, sharding, train
 from train_runs import (REPO, SGD, SGD_STEPS, assert_same_model, last_logged_step, records, run_config,
-                        start_two_processes, train_command, wait_for, wait_for_processes)
+                        start_two_processes, train_command, wait_for, wait_for_processes,
+                        xla_flags_without_device_count)
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def test_config_errors_come_before_compilation(synth_data_dir, tmp_path):
 def test_one_process_on_a_cpu_trains_on_one_device_per_core_dividing_its_batches(synth_data_dir, tmp_path):
   """`python -m flaxtag.train` without a device count of its own: one CPU device per core, as many as divide the
   training batch (12 here) and the evaluation batch (8): gcd 4 on 4 or more cores, 2 on 2 or 3, 1 on one."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's eight devices
+  env = {**os.environ, "XLA_FLAGS": xla_flags_without_device_count()}  # not conftest's eight devices
   command = train_command(synth_data_dir, tmp_path / "run", **{"train.batch_size": 12, "train.eval_batch_size": 8})
   process = subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE,
                              text=True)

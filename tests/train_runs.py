@@ -70,7 +70,13 @@ def wait_for_processes(processes, logs, timeout: float):
 
 def devices_env(devices: int) -> dict[str, str]:
   """The environment of a process with its own number of CPU devices."""
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"{xla_flags_without_device_count()} --xla_force_host_platform_device_count={devices}".strip()}
+
+
+def xla_flags_without_device_count() -> str:
+  """The tests' XLA flags (conftest) less the device count: for a command that chooses its own, or its launcher's."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
 
 
 def records(workdir, kind):
