@@ -2,10 +2,10 @@ r"""Checkpoint saves on CPU devices: how long a training run is held up by each 
 
   python benchmarks/checkpoint_save.py --devices 8 [--saves 7] [--replica_parallel]
 
-Builds the Spec+Att model of configs/synth.py (flat head) and its Adam state, replicated over `--devices` CPU devices as training makes it, and saves it
-`--saves` times as `flaxtag.train` does (model, optimizer, config, metadata, metrics, iterator state), waiting for
-each save to finish before the next. Prints the time `save` blocks: the first save's (it compiles what the save
-runs) and the median of the others. `--replica_parallel` keeps orbax's own default for CPU arrays instead of
+Builds the Spec+Att model of configs/synth.py (flat head) and its Adam state, replicated over `--devices` CPU
+devices as training makes it, and saves it `--saves` times as `flaxtag.train` does (model, optimizer, config,
+metadata, metrics, iterator state), waiting for each save to finish before the next. Prints the time `save` blocks:
+the first save's (it compiles what the save runs) and the median of the others. `--replica_parallel` keeps orbax's own default for CPU arrays instead of
 flaxtag's (`checkpoint._save_cpu_arrays_from_one_replica`), to compare the two. No JAX compilation cache is used,
 as in a user's first run.
 """
@@ -40,16 +40,17 @@ def main():
   model = tagger.build_model(config.model, None, config.half_precision)
   tx = optim.make_optimizer(optim.in_steps(config.optim, 100))
   state = train_step.create_train_state(model, tx, jax.random.key(0), sharding.make_mesh())
-  manager = checkpoint.open_manager(tempfile.mkdtemp(prefix="flaxtag-save-bench-"), keep_latest=2)
   blocked = []
-  for step in range(1, args.saves + 1):
-    start = time.perf_counter()
-    checkpoint.save(manager, step, variables=state.variables, config=config, metadata={},
-                    metrics={checkpoint.BEST_METRIC: 0.5}, optimizer={"step": state.step, "opt_state": state.opt_state},
-                    data_iterator_state={})
-    blocked.append(time.perf_counter() - start)
-    manager.wait_until_finished()
-  manager.close()
+  with tempfile.TemporaryDirectory(prefix="flaxtag-save-bench-") as workdir:
+    manager = checkpoint.open_manager(workdir, keep_latest=2)
+    for step in range(1, args.saves + 1):
+      start = time.perf_counter()
+      checkpoint.save(manager, step, variables=state.variables, config=config, metadata={},
+                      metrics={checkpoint.BEST_METRIC: 0.5},
+                      optimizer={"step": state.step, "opt_state": state.opt_state}, data_iterator_state={})
+      blocked.append(time.perf_counter() - start)
+      manager.wait_until_finished()
+    manager.close()
   arrays = len(jax.tree.leaves((state.variables, state.opt_state)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"{args.devices} devices, {'orbax default (replica-parallel)' if args.replica_parallel else 'flaxtag'}: "
