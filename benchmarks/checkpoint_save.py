@@ -5,9 +5,9 @@ r"""Checkpoint saves on CPU devices: how long a training run is held up by each 
 Builds the Spec+Att model of configs/synth.py (flat head) and its Adam state, replicated over `--devices` CPU
 devices as training makes it, and saves it `--saves` times as `flaxtag.train` does (model, optimizer, config,
 metadata, metrics, iterator state), waiting for each save to finish before the next. Prints the time `save` blocks:
-the first save's (it compiles what the save runs) and the median of the others. `--replica_parallel` keeps orbax's own default for CPU arrays instead of
-flaxtag's (`checkpoint._save_cpu_arrays_from_one_replica`), to compare the two. No JAX compilation cache is used,
-as in a user's first run.
+the first save's (it compiles what the save runs) and the median of the others. `--replica_parallel` keeps orbax's
+own default for CPU arrays instead of flaxtag's (`checkpoint._save_cpu_arrays_from_one_replica`), to compare the
+two. No JAX compilation cache is used, as in a user's first run.
 """
 import argparse
 import os
