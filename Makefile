@@ -62,7 +62,7 @@ test-fast: $(VENV)/.installed-$(TEST_EXTRAS) system-deps soundfonts
 demo: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps soundfonts
 	$(PY) -m flaxtag.demo
 
-# The heads study of RESULTS.md (61 runs, about 16 h on a 2-core CPU; resumable: rerun to continue, also on another
+# The heads study of RESULTS.md (71 runs, about a day on a 2-core CPU; resumable: rerun to continue, also on another
 # machine from the records kept in study_out/).
 study: $(VENV)/.installed-$(DEMO_EXTRAS) system-deps
 	$(PY) -m flaxtag.study

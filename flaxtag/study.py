@@ -5,9 +5,10 @@
 Every run trains the study's Spec+Att backbone (configs/study.py) until early stopping on the validation fine
 ROC-AUC. The protocol chooses on the validation split alone and seals the test scores until the end:
 
-1. selection: every candidate of a head with more than one (`HEAD_CANDIDATES`: the ResAtt forms, the coarse weight
-   w_c, λ of the hierarchy loss) trains for each selection seed; each head keeps the candidate with the best mean
-   validation fine ROC-AUC (`choose`);
+1. selection, in two stages: every candidate of a head with more than one (`HEAD_CANDIDATES`: the ResAtt forms, the
+   coarse weight w_c, λ of the hierarchy loss) trains for each selection seed; then each head's best of those again
+   at a lower w_c (`second_stage`); each head keeps the candidate of either stage with the best mean validation fine
+   ROC-AUC (`choose`);
 2. final: the chosen candidate of every head, and the four models with the GMP head at matched capacity and at matched
    compute (`final_variants`), train for each seed (a selection run with the same seed is reused);
 3. test: as soon as a run finishes, its best checkpoint is scored on the test split and on the same test pieces
@@ -52,6 +53,9 @@ def _resatt(**changes) -> dict:
 # lost on every column; the input-dependent map matched the fixed one within 0.002).
 RESATT_FORMS = {"resatt": _resatt(), "resatt_masked": _resatt(masked=True), "resatt_gmp_base": _resatt(base="gmp")}
 COARSE_WEIGHTS = (0.5, 1.0)  # w_c of every head with a coarse BCE
+# The second selection stage tries every head's first-stage choice again at this w_c: the first stage chose the grid's
+# lowest weight for every head (0.007-0.026 above w_c = 1, on both seeds), so the best may lie lower (w_c = 0 is flat).
+SECOND_STAGE_COARSE_WEIGHT = 0.25
 HIERARCHY_LOSS_WEIGHTS = (1.0, 10.0)  # λ of multitask_hloss (λ = 1 barely moved the violations at 6 epochs)
 SELECTION_SEEDS = (0, 1)
 # Matched compute: every model trains for the forward FLOPs of this many epochs of Spec+Att.
@@ -60,8 +64,11 @@ COMPUTE_BUDGET_EPOCHS = 20
 SPREAD_FACTOR = 2.0
 
 
+COARSE_WEIGHT = "model.head_options.coarse_weight"
+
+
 def _coarse_weight(w: float) -> dict:
-  return {"model.head_options.coarse_weight": w}
+  return {COARSE_WEIGHT: w}
 
 
 # Per head of the final pass, its candidates: run name → config overrides.
@@ -157,6 +164,31 @@ def choose(runs: list[dict], candidates: dict, seeds) -> dict[str, str]:
   return chosen
 
 
+def has_coarse_weight_grid(names: dict) -> bool:
+  """Whether a head's candidates include coarse weights to choose from (flat's one candidate has none)."""
+  return len(names) > 1 and all(COARSE_WEIGHT in overrides for overrides in names.values())
+
+
+def second_stage(candidates: dict, first_choice: dict[str, str]) -> dict[str, dict]:
+  """Per head with a coarse-weight grid, its first-stage choice at SECOND_STAGE_COARSE_WEIGHT: {run name: overrides},
+  the name the choice's with its `_cw<w>` changed."""
+  stage = {}
+  for variant, names in candidates.items():
+    if has_coarse_weight_grid(names):
+      name, overrides = first_choice[variant], names[first_choice[variant]]
+      weight = SECOND_STAGE_COARSE_WEIGHT
+      stage[variant] = {name.replace(f"_cw{overrides[COARSE_WEIGHT]:g}", f"_cw{weight:g}"):
+                        {**overrides, **_coarse_weight(weight)}}
+  return stage
+
+
+def selection_candidates(runs: list[dict], candidates: dict, seeds) -> dict:
+  """Both selection stages' candidates per head: `candidates`, then the second stage's, which follow from the first
+  stage's choice by `runs` (every first-stage run must be there)."""
+  extra = second_stage(candidates, choose(runs, candidates, seeds))
+  return {variant: {**names, **extra.get(variant, {})} for variant, names in candidates.items()}
+
+
 def final_variants(base_config, candidates: dict, chosen: dict[str, str], models: dict,
                    budget_epochs: int) -> dict[str, tuple[str, dict]]:
   """The final pass: variant → (run name, config overrides). Every head at its chosen candidate; with `models`, the
@@ -209,10 +241,12 @@ def add_training_seconds(workdir: str, seconds: float) -> float:
 
 
 def planned_runs(candidates: dict, models: dict, seeds, selection_seeds) -> int:
-  """How many training runs `run_study` makes: every candidate of a head with more than one for each selection seed;
-  in the final pass, each head for each seed its selection did not train (a head with one candidate has no
-  selection), and with `models` the other models at matched capacity and all of them at matched compute."""
-  selection = sum(len(names) * len(selection_seeds) for names in candidates.values() if len(names) > 1)
+  """How many training runs `run_study` makes: every candidate of a head with more than one, and its second-stage
+  candidate where it has one, for each selection seed; in the final pass, each head for each seed its selection did
+  not train (a head with one candidate has no selection), and with `models` the other models at matched capacity and
+  all of them at matched compute."""
+  selection = sum((len(names) + has_coarse_weight_grid(names)) * len(selection_seeds)
+                  for names in candidates.values() if len(names) > 1)
   heads = sum(len(set(seeds) - (set(selection_seeds) if len(names) > 1 else set())) for names in candidates.values())
   return selection + heads + ((2 * len(models) - 1) * len(seeds) if models else 0)
 
@@ -262,11 +296,17 @@ def run_study(base_config, out: str, data_options: dict, seeds, selection_seeds,
   builds.build_set(base_config.data.data_dir, data_options)
   held_out = builds.build_held_out(os.path.join(out, "data_heldout"), data_options)
   total = planned_runs(candidates, models, seeds, selection_seeds)
-  # Selection seed by seed, so that an interrupted pass has tried every candidate once before it repeats any.
-  for seed in selection_seeds:
-    for variant, names in candidates.items():
-      for name, overrides in names.items() if len(names) > 1 else ():
-        _train(base_config, out, variant, name, overrides, seed, total, held_out)
+
+  def select(stage_candidates):
+    # Seed by seed, so that an interrupted stage has tried every candidate once before it repeats any.
+    for seed in selection_seeds:
+      for variant, names in stage_candidates.items():
+        for name, overrides in names.items() if len(names) > 1 else ():
+          _train(base_config, out, variant, name, overrides, seed, total, held_out)
+
+  select(candidates)
+  candidates = selection_candidates(read_lines(os.path.join(out, "runs.jsonl")), candidates, selection_seeds)
+  select(candidates)  # the first stage's runs are recorded: the second stage's train
   chosen = choose(read_lines(os.path.join(out, "runs.jsonl")), candidates, selection_seeds)
   print("chosen on validation: " + ", ".join(f"{v} {n}" for v, n in chosen.items()), flush=True)
   final = final_variants(base_config, candidates, chosen, models, budget_epochs)
@@ -395,9 +435,11 @@ def write_tables(results: list[dict], runs: list[dict], out: str, candidates=Non
   models = ["gmp", *(m for m in MODELS if m != "spec_att")]
   compute = [f"{m}_compute" for m in MODELS]
   held_out = tuple((HELD_OUT + key, title) for key, title in COLUMNS)
-  selection = _table(["head", "candidate", "mean valid fine ROC-AUC", "chosen"],
-                     [[r["variant"], r["run"], f"{r['valid_roc_auc']:.4f}", "yes" if r["chosen"] else ""]
-                      for r in selection_table(runs, candidates, selection_seeds)])
+  selection = _table(["head", "stage", "candidate", "mean valid fine ROC-AUC", "chosen"],
+                     [[r["variant"], 1 if r["run"] in candidates[r["variant"]] else 2, r["run"],
+                       f"{r['valid_roc_auc']:.4f}", "yes" if r["chosen"] else ""]
+                      for r in selection_table(runs, selection_candidates(runs, candidates, selection_seeds),
+                                               selection_seeds)])
   every = heads + models[1:] + compute
   text = "\n\n".join([
       f"## Selection (validation split, seeds {', '.join(map(str, selection_seeds))})", selection,

@@ -104,6 +104,24 @@ def test_choice_is_the_best_mean_validation_score_over_the_selection_seeds():
     study.choose(runs, candidates, [0, 3])
 
 
+def test_second_stage_tries_each_heads_first_choice_at_the_lower_coarse_weight():
+  first = {"flat": "flat", "multitask": "multitask_cw1", "top_down": "top_down_cw0.5", "gmp": "gmp_cw0.5",
+           "multitask_hloss": "multitask_hloss_cw1_hl10", "resatt": "resatt_masked_cw0.5"}
+  stage = study.second_stage(study.HEAD_CANDIDATES, first)
+  assert study.SECOND_STAGE_COARSE_WEIGHT < min(study.COARSE_WEIGHTS)
+  assert {v: list(names) for v, names in stage.items()} == {
+      "multitask": ["multitask_cw0.25"], "top_down": ["top_down_cw0.25"], "gmp": ["gmp_cw0.25"],
+      "multitask_hloss": ["multitask_hloss_cw0.25_hl10"], "resatt": ["resatt_masked_cw0.25"]}  # flat has no w_c
+  for variant, names in stage.items():  # the first choice's overrides, its coarse weight alone changed
+    assert names == {n: {**study.HEAD_CANDIDATES[variant][first[variant]], study.COARSE_WEIGHT: 0.25} for n in names}
+  runs = _runs({"gmp_cw0.5": [0.80, 0.70], "gmp_cw1": [0.76, 0.76], "gmp_cw0.25": [0.70, 0.84]})
+  candidates = {"flat": study.HEAD_CANDIDATES["flat"], "gmp": study.HEAD_CANDIDATES["gmp"]}
+  both = study.selection_candidates(runs, candidates, [0, 1])
+  assert list(both["gmp"]) == ["gmp_cw0.5", "gmp_cw1", "gmp_cw0.25"] and list(both["flat"]) == ["flat"]
+  assert study.choose(runs, both, [0, 1])["gmp"] == "gmp_cw0.25"  # 0.77 against 0.75 and 0.76
+  assert study.choose(runs, candidates, [0, 1])["gmp"] == "gmp_cw1"  # the first stage's choice
+
+
 def test_final_variants_at_matched_capacity_and_compute():
   base = study_config.get_config()
   final = study.final_variants(base, study.HEAD_CANDIDATES, {"flat": "flat", "multitask": "multitask_cw1",
@@ -162,9 +180,9 @@ def test_progress_counts_the_runs_and_the_time_left():
   # The median: one run that spent an hour stopped does not move the estimate.
   runs = [{"seconds": s} for s in (900.0, 1000.0, 6000.0)]
   assert study.progress(runs, 6) == "[4/6], about 0.8 h left at 17 min a run"
-  # The full study: 16 candidates x 2 selection seeds; flat x 3 seeds, the 5 chosen heads x the third seed; 3 models
-  # at matched capacity and 4 at matched compute, x 3 seeds.
-  assert study.planned_runs(study.HEAD_CANDIDATES, study.MODELS, [0, 1, 2], [0, 1]) == 32 + 3 + 5 + 21
+  # The full study: 16 candidates and 5 second-stage ones x 2 selection seeds; flat x 3 seeds, the 5 chosen heads x
+  # the third seed; 3 models at matched capacity and 4 at matched compute, x 3 seeds.
+  assert study.planned_runs(study.HEAD_CANDIDATES, study.MODELS, [0, 1, 2], [0, 1]) == 32 + 10 + 3 + 5 + 21
 
 
 def _announced(out: str) -> list[str]:
@@ -191,11 +209,11 @@ def test_a_stopped_runs_time_counts_when_it_resumes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_its_records(
     synth_data_dir, tmp_path, monkeypatch, capsys):
-  """A tiny study end to end: selection of gmp's coarse weight, the final pass of flat and the chosen gmp (reusing
-  its selection run: one seed for both passes, to keep this short). Each run is scored on the test split and its
-  held-out rendering when it finishes, into the sealed file, which neither the runs' records nor the choice read;
-  the results are the final runs' scores only. A rerun with the records alone (checkpoints deleted, as on another
-  machine) trains and evaluates nothing."""
+  """A tiny study end to end: selection of gmp's coarse weight in two stages, the final pass of flat and the chosen
+  gmp (reusing its selection run: one seed for both passes, to keep this short). Each run is scored on the test
+  split and its held-out rendering when it finishes, into the sealed file, which neither the runs' records nor the
+  choice read; the results are the final runs' scores only. A rerun with the records alone (checkpoints deleted, as
+  on another machine) trains and evaluates nothing."""
   events = []
   train_and_evaluate, evaluate_checkpoint = train.train_and_evaluate, evaluation.evaluate_checkpoint
 
@@ -219,15 +237,15 @@ def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_i
     assert r["seconds"] == float((tmp_path / "runs" / r["run"] / "seed_0" / "study_seconds.txt").read_text())
     assert r["machine"] == host.describe() and r["jax"] == jax.__version__
   assert not any("roc_auc" in r or study.HELD_OUT + "roc_auc" in r for r in runs)  # validation only
-  chosen = study.choose(runs, candidates, [0])["gmp"]
+  chosen = study.choose(runs, {**candidates, "gmp": {**candidates["gmp"], "gmp_cw0.25": {}}}, [0])["gmp"]
   trained = [(r["run"], r["seed"]) for r in runs]
-  assert trained == [("gmp_cw0.5", 0), ("gmp_cw1", 0), ("flat", 0)]  # the chosen gmp run is reused
-  assert _announced(capsys.readouterr().out) == ["1/3", "2/3", "3/3"]
+  assert trained == [("gmp_cw0.5", 0), ("gmp_cw1", 0), ("gmp_cw0.25", 0), ("flat", 0)]  # the chosen gmp is reused
+  assert _announced(capsys.readouterr().out) == ["1/4", "2/4", "3/4", "4/4"]
   # Patience 1: a run stops one validation after its best, or at its last epoch.
   assert all(r["stop_epoch"] == (r["best_epoch"] + 1 if r["stopped_early"] else 2) for r in runs)
   held_out = render.find_soundfont(builds.HELD_OUT_SOUNDFONT) is not None
   per_run = 1 + (2 if held_out else 1)  # trained, then scored on the test split (and its held-out rendering)
-  assert len(events) == 3 * per_run
+  assert len(events) == 4 * per_run
   for i, (name, _) in enumerate(trained):
     workdir = str(tmp_path / "runs" / name / "seed_0")
     run_events = events[i * per_run:(i + 1) * per_run]
@@ -263,14 +281,15 @@ def test_protocol_chooses_on_validation_seals_the_test_scores_and_resumes_from_i
 
 def test_results_md_has_the_selection_the_tables_the_deltas_and_the_runs(tmp_path):
   candidates = {"flat": study.HEAD_CANDIDATES["flat"], "gmp": study.HEAD_CANDIDATES["gmp"]}
-  runs = _runs({"gmp_cw0.5": [0.7, 0.7], "gmp_cw1": [0.8, 0.8]})
+  runs = _runs({"gmp_cw0.5": [0.7, 0.7], "gmp_cw1": [0.8, 0.8], "gmp_cw0.25": [0.75, 0.76]})
   variants = ["flat", "gmp", "spec_cnnp", "spec_att_compute", "raw_att_compute"]
   results = [{"variant": v, "run": v, "seed": s, "roc_auc": 0.8 + 0.01 * i + 0.001 * s,
               "heldout_roc_auc": 0.7 + 0.01 * i, "parameters": 1000 + i, "forward_flops": 2e9, "epochs_budget": 60,
               "best_epoch": 10 + s, "stop_epoch": 15 + s, "stopped_early": True}
              for i, v in enumerate(variants) for s in range(3)]
   text = open(study.write_tables(results, runs, str(tmp_path), candidates, [0, 1])).read()
-  assert "| gmp | gmp_cw1 | 0.8000 | yes |" in text and "| gmp | gmp_cw0.5 | 0.7000 |  |" in text
+  assert "| gmp | 1 | gmp_cw1 | 0.8000 | yes |" in text and "| gmp | 1 | gmp_cw0.5 | 0.7000 |  |" in text
+  assert "| gmp | 2 | gmp_cw0.25 | 0.7550 |  |" in text  # the first choice at the second stage's weight
   assert "| gmp | fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text
   assert "| gmp | held-out fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text
   assert "| spec_cnnp | fine ROC-AUC | +0.0100, +0.0100, +0.0100 | +0.0100 | 0.0000 | yes |" in text  # against gmp
