@@ -50,3 +50,13 @@ def test_runs_past_the_time_budget_are_listed_as_skipped(tmp_path):
   assert report["runs"] == []
   assert sorted(report["skipped"]) == sorted(f"{mode}-{precision}-{batch}" for mode in ("train", "infer")
                                              for precision in ("fp32", "bf16") for batch in (16, 256))
+
+
+def test_a_run_the_time_budget_stops_is_reported_as_stopped(tmp_path):
+  # Far more steps than the budget allows: the first run is stopped, the rest are skipped, and the report says why.
+  report = gpu_check(tmp_path, "--budget", "35", "--batch-sizes", "4 8", "--steps", "100000")
+  assert report["runs"] == []
+  assert list(report["failed"]) == ["train-fp32-4"]
+  assert report["failed"]["train-fp32-4"].startswith("stopped after 3")
+  assert sorted(report["skipped"]) == sorted(["train-bf16-4", "infer-fp32-4", "infer-bf16-4", "train-bf16-8",
+                                              "infer-bf16-8", "train-fp32-8", "infer-fp32-8"])
