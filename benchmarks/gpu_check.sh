@@ -17,6 +17,9 @@
 # other packages the benchmarks import where pip can reach PyPI, carry the folder over, and install from it there:
 #   bash benchmarks/gpu_check.sh --download-wheels build/gpu_wheels [--wheel-python 3.12]     # here, then exits
 #   bash benchmarks/gpu_check.sh --skip-install --python python3 --wheels build/gpu_wheels    # there
+# --e2e-data DIR first trains, stops, resumes and evaluates a tiny run with the real commands there, on the data set
+# that benchmarks/gpu_end_to_end.py says how to build (here: it needs FluidSynth), and leaves its files in end_to_end/
+# beside the JSON; `gpu_end_to_end.py --compare` then evaluates that checkpoint here (--e2e-budget: its seconds).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,11 +36,20 @@ BUDGET_S=460  # of the 8 minutes, all but a margin for writing the JSON
 WHEELS=""
 DOWNLOAD_WHEELS=""
 WHEEL_PYTHON=3.12
-# What the benchmarks import beyond a CUDA JAX stack, as module=requirement (the versions flaxtag is tested with).
+E2E_DATA=""
+E2E_BUDGET_S=180
+# What the benchmarks and the end-to-end run import beyond a CUDA JAX stack with flax, optax, orbax-checkpoint and
+# common packages (the lent H200s' image), as module=requirement: the versions flaxtag is tested with.
 WHEEL_DEPS="ml_collections=ml-collections==1.1.0 soundfile=soundfile==0.14.0 soxr=soxr==1.1.0 _cffi_backend=cffi==2.1.1
-  pycparser=pycparser==3.12"
+  pycparser=pycparser==3.12 tensorflow_datasets=tensorflow-datasets==4.9.10 array_record=array-record==0.8.6
+  grain=grain==0.2.18 tree=dm-tree==0.1.10 immutabledict=immutabledict==4.3.1 simple_parsing=simple-parsing==0.1.9
+  docstring_parser=docstring-parser==0.18.0 tensorflow_metadata=tensorflow-metadata==1.21.0
+  google.api=googleapis-common-protos==1.76.0 termcolor=termcolor==3.3.0 toml=toml==0.10.2 portpicker=portpicker==1.6.0
+  importlib_resources=importlib-resources==7.1.0 tensorboardX=tensorboardX==2.6.5"
+# Published as source only (pure Python): built into wheels here.
+SOURCE_WHEEL_DEPS="promise=promise==2.3"
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --out) OUT=$(realpath -ms "$2"); shift 2 ;;
@@ -53,6 +65,8 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS=$(realpath -ms "$2"); shift 2 ;;
     --download-wheels) DOWNLOAD_WHEELS=$(realpath -ms "$2"); shift 2 ;;
     --wheel-python) WHEEL_PYTHON=$2; shift 2 ;;
+    --e2e-data) E2E_DATA=$(realpath -ms "$2"); shift 2 ;;
+    --e2e-budget) E2E_BUDGET_S=$2; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -67,6 +81,8 @@ if [ -n "$DOWNLOAD_WHEELS" ]; then
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DOWNLOAD_WHEELS" \
     $(for dep in $WHEEL_DEPS; do echo "${dep#*=}"; done)
+  "${PYTHON:-python3}" -m pip wheel -q --no-deps -w "$DOWNLOAD_WHEELS" \
+    $(for dep in $SOURCE_WHEEL_DEPS; do echo "${dep#*=}"; done)
   echo "gpu_check: wheels for CPython $WHEEL_PYTHON on x86-64 Linux in $DOWNLOAD_WHEELS; on the GPU machine:" \
     "--skip-install --python python3 --wheels DIR"
   exit 0
@@ -96,9 +112,16 @@ fi
 
 if [ -n "$WHEELS" ]; then
   # Only what this Python lacks, into a folder of its own: the packages it has stay as they are.
-  missing=$("$PYTHON" - $WHEEL_DEPS <<'EOF'
+  missing=$("$PYTHON" - $WHEEL_DEPS $SOURCE_WHEEL_DEPS <<'EOF'
 import importlib.util, sys
-print(" ".join(dep.split("=", 1)[1] for dep in sys.argv[1:] if importlib.util.find_spec(dep.split("=", 1)[0]) is None))
+
+def missing(module):
+  try:
+    return importlib.util.find_spec(module) is None
+  except ModuleNotFoundError:  # a dotted name whose parent package is missing
+    return True
+
+print(" ".join(dep.split("=", 1)[1] for dep in sys.argv[1:] if missing(dep.split("=", 1)[0])))
 EOF
   )
   if [ -n "$missing" ]; then
@@ -111,6 +134,21 @@ fi
 if ! on_gpu "$PYTHON" && [ "$ALLOW_CPU" != 1 ]; then
   echo "gpu_check: $PYTHON's JAX does not run on the GPU; see its 'pip list | grep -i jax'." >&2
   exit 1
+fi
+
+# First, where a data set is given: a run trained, stopped, resumed and evaluated with the real commands
+# (benchmarks/gpu_end_to_end.py), its files in end_to_end/ beside the JSON, for --compare here afterwards.
+E2E_OUT=$(dirname "$OUT")/end_to_end
+if [ -n "$E2E_DATA" ]; then
+  echo "gpu_check: end to end on $E2E_DATA (at most ${E2E_BUDGET_S}s)"
+  rc=0
+  timeout "$E2E_BUDGET_S" "$PYTHON" benchmarks/gpu_end_to_end.py --data_dir "$E2E_DATA" --out "$E2E_OUT" \
+    --timeout "$E2E_BUDGET_S" > "$PARTS/end_to_end.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    { echo "exit status $rc (124: past ${E2E_BUDGET_S}s); its log's last lines:"; tail -n 30 "$PARTS/end_to_end.log"
+    } > "$PARTS/end_to_end.failed"
+  fi
+  tail -n 3 "$PARTS/end_to_end.log"
 fi
 
 # Most important first: every mode and precision at batch 16 (fp32 first, as on the CPU), then at the large batch,
@@ -145,10 +183,10 @@ for batch in $BATCH_SIZES; do
   precisions="bf16 fp32"
 done
 
-"$PYTHON" - "$PARTS" "$OUT" "$((SECONDS - START))" <<'EOF'
+"$PYTHON" - "$PARTS" "$OUT" "$((SECONDS - START))" "$E2E_OUT" <<'EOF'
 import glob, json, os, subprocess, sys
 
-parts, out, wall_s = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parts, out, wall_s, e2e_out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 try:
   gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
@@ -162,8 +200,14 @@ for kind in ("failed", "skipped"):
   for path in sorted(glob.glob(os.path.join(parts, f"*.{kind}"))):
     with open(path) as f:
       problems.setdefault(kind, {})[os.path.basename(path).rsplit(".", 1)[0]] = f.read()
+end_to_end = {}
+if os.path.exists(os.path.join(e2e_out, "end_to_end.json")):
+  with open(os.path.join(e2e_out, "end_to_end.json")) as f:
+    end_to_end = {"end_to_end": json.load(f)}
 with open(out, "w") as f:
-  json.dump({"benchmark": "gpu_check", "gpus": gpus, "wall_s": wall_s, "runs": runs, **problems}, f, indent=1)
+  json.dump({"benchmark": "gpu_check", "gpus": gpus, "wall_s": wall_s, **end_to_end, "runs": runs, **problems}, f,
+            indent=1)
 print(f"gpu_check: {sum(len(r['results']) for r in runs)} results in {len(runs)} runs, "
-      f"{len(problems.get('failed', {}))} failed, {len(problems.get('skipped', {}))} skipped, {wall_s}s -> {out}")
+      f"{len(problems.get('failed', {}))} failed, {len(problems.get('skipped', {}))} skipped, {wall_s}s -> {out}"
+      + (f"; the end-to-end run's files in {e2e_out}" if end_to_end else ""))
 EOF

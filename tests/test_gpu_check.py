@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh on the CPU (no GPU here): its runs of the training and inference throughput scripts, in both
-precisions, end in one JSON file; and runs its time budget leaves out are listed, not lost."""
+precisions, end in one JSON file; runs its time budget leaves out are listed, not lost; and its end-to-end run
+(benchmarks/gpu_end_to_end.py) trains, stops, resumes and evaluates, and its checkpoint is evaluated again alike."""
 import json
 import os
 import pathlib
@@ -7,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_end_to_end  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the whole benchmark script, four runs
 
@@ -53,3 +57,21 @@ def test_a_run_the_time_budget_stops_is_reported_as_stopped_and_those_it_leaves_
   assert report["failed"]["train-fp32-4"].startswith("stopped after 3")
   assert sorted(report["skipped"]) == sorted(["train-bf16-4", "infer-fp32-4", "infer-bf16-4", "train-bf16-8",
                                               "infer-bf16-8", "train-fp32-8", "infer-fp32-8"])
+
+
+def test_the_end_to_end_run_trains_stops_resumes_evaluates_and_its_checkpoint_is_evaluated_alike_here(
+    tmp_path, synth_data_dir, capsys):
+  # A budget that leaves out every timing run: only the end-to-end phase, which has its own.
+  report = gpu_check(tmp_path, "--budget", "1", "--e2e-data", synth_data_dir, "--e2e-budget", "400")
+  assert "end_to_end" not in report.get("failed", {}), report["failed"]
+  run = report["end_to_end"]
+  assert run["platform"] == "cpu"
+  # Stopped by SIGTERM after its first validation (epoch 1 of 3, step 2 of 6), resumed, and finished.
+  assert 2 <= run["stopped_at_step"] < run["last_step"] == 6
+  assert [epoch for epoch, _ in run["validations"]] == [1, 2, 3]
+  files = tmp_path / "end_to_end"
+  assert "stop requested (SIGTERM); saved step" in (files / "train.log").read_text()
+  assert f"from step {run['stopped_at_step']}" in (files / "train.log").read_text()
+  # Evaluated again from the packed run directory, in this process's environment: the same probabilities.
+  gpu_end_to_end.main(["--data_dir", synth_data_dir, "--compare", str(files), "--tolerance", "1e-6"])
+  assert "largest probability difference" in capsys.readouterr().out
