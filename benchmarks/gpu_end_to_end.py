@@ -38,11 +38,12 @@ RUN_ARCHIVE, REPORT, PREDICTIONS, SUMMARY, TRAIN_LOG = (
 
 
 def records(workdir: pathlib.Path, kind: str) -> list[dict]:
+  """metrics.jsonl's records of one kind, read while the run may be writing: a line not yet ended is left out."""
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return []
   with open(path) as f:
-    return [r for r in map(json.loads, f) if r["kind"] == kind]
+    return [r for r in (json.loads(line) for line in f if line.endswith("\n")) if r["kind"] == kind]
 
 
 def train(data_dir: str, workdir: pathlib.Path, log: pathlib.Path, stop_after_validation: bool,
@@ -101,7 +102,7 @@ def run_there(data_dir: str, out: pathlib.Path, timeout: float):
     summary = {
         "device": device.device_kind, "platform": device.platform,
         "jax": jax.__version__, "stopped_at_step": stopped_at,
-        "last_step": max(r["step"] for r in records(workdir, "train")),
+        "last_step": records(workdir, "train")[-1]["step"],
         "validations": [(r["epoch"], r["roc_auc"]) for r in records(workdir, "valid")],
         "test": headline(report), "train_s": trained_s}
   with open(out / SUMMARY, "w") as f:
@@ -120,7 +121,8 @@ def compare_here(data_dir: str, there: pathlib.Path, tolerance: float):
     workdir = pathlib.Path(tmp) / "run"
     report = evaluate(workdir, data_dir, pathlib.Path(tmp) / REPORT, pathlib.Path(tmp) / PREDICTIONS)
     ours = np.load(pathlib.Path(tmp) / PREDICTIONS)
-    assert np.array_equal(ours["clip_index"], theirs["clip_index"])
+    if not np.array_equal(ours["clip_index"], theirs["clip_index"]):
+      raise SystemExit(f"the two evaluations scored other clips: is {data_dir} the data set the run was trained on?")
     difference = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in ("fine_probs", "coarse_probs"))
   theirs_, ours_ = headline(their_report), headline(report)
   print(f"the run trained there, evaluated there and here ({jax.default_backend()}): largest probability "
