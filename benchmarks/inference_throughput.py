@@ -109,7 +109,7 @@ def main(argv=None):
         "benchmark": "inference_throughput", "mode": "infer", "device": device.device_kind,
         "platform": device.platform, "host": host.describe(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax": jax.__version__,
-        "half_precision": args.half_precision, "kernels": "cpu" if layers.cpu_kernels("auto") else "plain",
+        "half_precision": args.half_precision, "kernels": layers.resolve_kernels("auto"),
         "load_average_before": load_before[:3], "load_average": load_average()[:3],
         "peak_gflop_per_s": statistics.median(peak.samples) / 1e9, "peak_size": peak.size, "results": results})
 

@@ -10,11 +10,12 @@ noise (c = 16, 96 mel bands, the default crop), median over --steps after two wa
 - each timbre branch (SPEC §2 branches 1–6: a tall conv over (mel, time), BN, ReLU, max over frequency) and each
   temporal branch (7–10: a 1-D conv over the mel-averaged envelope), forward and backward alike.
 
-`--kernels` picks the timbre convs' formulation (`layers.cpu_kernels`): 'auto' (banded matmuls on the CPU, plain
-2-D convs elsewhere), or either everywhere, to compare them on one machine.
+`--kernels` picks the timbre convs' formulation (`layers.KERNELS`): banded matmuls ('auto', 'cpu' and 'banded'; on
+the CPU 'auto' and 'cpu' also run inference one example at a time) or the plain 2-D convs ('plain'), to compare
+them on one machine.
 
   .venv/bin/python benchmarks/spec_frontend_parts.py --batch_size 16
-  python3 benchmarks/spec_frontend_parts.py --batch_size 256 --half_precision --kernels cpu --json parts.json  # GPU
+  python3 benchmarks/spec_frontend_parts.py --batch_size 256 --half_precision --kernels plain --json parts.json  # GPU
 """
 import argparse
 import json
@@ -100,7 +101,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   dtype = jnp.bfloat16 if args.half_precision else jnp.float32
   device = jax.devices()[0]
-  kernels = "cpu" if layers.cpu_kernels(args.kernels) else "plain"
+  kernels = layers.resolve_kernels(args.kernels)
   report = {"benchmark": "spec_frontend_parts", "device": device.device_kind, "platform": device.platform,
             "host": host.describe(), "jax": jax.__version__, "batch_size": args.batch_size,
             "half_precision": args.half_precision, "kernels": kernels, "results": []}

@@ -254,7 +254,7 @@ def main(argv=None):
   on_cpu = device.platform == "cpu"
   peak_size = args.peak_size or (2048 if on_cpu else 8192)
   peak_dtype = jnp.bfloat16 if args.half_precision else jnp.float32
-  kernels = "cpu" if layers.cpu_kernels("auto") else "plain"
+  kernels = layers.resolve_kernels("auto")
   load_before = load_average()
   peak = MatmulPeak(peak_size, peak_dtype)
 

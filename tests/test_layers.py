@@ -1,6 +1,7 @@
 """The fast layers equal the plain Flax computation they replace: values, gradients, BatchNorm statistics, attention.
 
-Both formulations of each (`kernels='cpu'`, chosen on the CPU, and `'plain'`, chosen elsewhere) run here on the CPU.
+Each formulation (`kernels='cpu'`, chosen on the CPU; `'banded'`, chosen on GPU and TPU; `'plain'`) runs here on the
+CPU.
 """
 from typing import Any
 
@@ -97,8 +98,10 @@ def _plain_variables(variables):
 
 
 def test_kernels_are_chosen_by_platform():
-  assert layers.cpu_kernels("auto") == (jax.default_backend() == "cpu")
-  assert layers.cpu_kernels("cpu") and not layers.cpu_kernels("plain")
+  assert layers.resolve_kernels("auto") == ("cpu" if jax.default_backend() == "cpu" else "banded")
+  assert layers.cpu_kernels("cpu") and not layers.cpu_kernels("banded") and not layers.cpu_kernels("plain")
+  assert layers.banded_timbre_convs("cpu") and layers.banded_timbre_convs("banded")
+  assert not layers.banded_timbre_convs("plain")
   with pytest.raises(ConfigError, match="kernels='gpu'"):
     layers.cpu_kernels("gpu")
 
@@ -115,7 +118,7 @@ def test_inference_attention_equals_softmax_attention(kernels):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module", params=["cpu", "plain"])
+@pytest.fixture(scope="module", params=["cpu", "banded", "plain"])
 def spec_frontend_case(request):
   mel = audio.MelConfig(n_mels=24)
   fast = frontends.SpecFrontEnd(2, mel, projection_dim=8, kernels=request.param)

@@ -14,7 +14,7 @@ import numpy as np
 
 from flaxtag import audio
 from flaxtag.errors import AudioError
-from flaxtag.models.layers import BatchNorm, ConvBlock, cpu_kernels
+from flaxtag.models.layers import BatchNorm, ConvBlock, banded_timbre_convs, cpu_kernels
 
 # Training crop per front-end (SPEC §1): 256 centred STFT frames, and 10·3^8 samples.
 CROP_SAMPLES = {"spec": 65_280, "raw": 65_610}
@@ -56,10 +56,10 @@ class TimbreConv(nn.Module):
   Takes the front-end's input BatchNorm apart: `centred` (B, T, mel) is the log-mel minus that BatchNorm's mean,
   and the normalised input is `centred * in_mul + in_bias` (scalars).
 
-  A tall kernel over one input channel is a poor case for XLA:CPU's convolutions, so there it is computed as a 1-D
-  conv over time whose input channels are the mel bands and whose output channels are (frequency position ×
-  filter), with a banded weight built from the kernel; elsewhere (see `layers.cpu_kernels`) as the plain 2-D conv.
-  The result is the same cross-correlation.
+  A tall kernel over one input channel is a poor case for XLA:CPU's convolutions and for cuDNN's in fp32, so it is
+  computed as a 1-D conv over time whose input channels are the mel bands and whose output channels are (frequency
+  position × filter), with a banded weight built from the kernel; under kernels='plain' (see
+  `layers.banded_timbre_convs`) as the plain 2-D conv. The result is the same cross-correlation.
   """
   features: int
   kernel_size: tuple[int, int]
@@ -76,7 +76,7 @@ class TimbreConv(nn.Module):
     pad = [(width // 2, width // 2)]
     # conv(centred·in_mul + in_bias) + bias = in_mul·conv(centred) + offset: `centred` holds no parameter, so the
     # backward pass needs no input gradient of this, the front-end's largest matmul (a third of its cost).
-    if cpu_kernels(self.kernels):
+    if banded_timbre_convs(self.kernels):
       offset = np.arange(n_mels)[:, None] - np.arange(positions)[None, :]  # mel band - output position
       inside = (offset >= 0) & (offset < height)
       banded = jnp.take(kernel[:, :, 0, :], np.clip(offset, 0, height - 1), axis=0)  # (mel, pos, width, c)
@@ -132,7 +132,7 @@ class SpecFrontEnd(nn.Module):
   mel: audio.MelConfig
   projection_dim: int | None = None
   dtype: Any = jnp.float32
-  kernels: str = "auto"  # the timbre convs' formulation, see `layers.cpu_kernels`
+  kernels: str = "auto"  # the timbre convs' formulation, see `layers.KERNELS`
 
   @nn.compact
   def __call__(self, x, train: bool):

@@ -16,16 +16,31 @@ from flaxtag.errors import ConfigError
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-KERNELS = ("auto", "cpu", "plain")
+# The formulations of a few layers (BENCHMARKS.md): 'cpu' those tuned for XLA:CPU, 'banded' only the banded timbre
+# convs, 'plain' none; 'auto' is 'cpu' on the CPU and 'banded' elsewhere. All give the plain formulations' results.
+KERNELS = ("auto", "cpu", "banded", "plain")
+
+
+def resolve_kernels(kernels: str) -> str:
+  """`kernels` as this backend runs it: 'auto' becomes 'cpu' on the CPU and 'banded' on GPU and TPU."""
+  if kernels not in KERNELS:
+    raise ConfigError(f"kernels={kernels!r}: use one of {list(KERNELS)}.")
+  if kernels == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "banded"
+  return kernels
 
 
 def cpu_kernels(kernels: str) -> bool:
-  """Whether to use the formulations tuned for XLA:CPU: unrolled Threefry dropout masks, the custom-VJP max-pool,
-  the banded timbre convs (BENCHMARKS.md). They give the plain formulations' results; 'auto' takes them on the CPU
-  only, where they were measured faster: they are not known to help on GPU or TPU."""
-  if kernels not in KERNELS:
-    raise ConfigError(f"kernels={kernels!r}: use one of {list(KERNELS)}.")
-  return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
+  """Whether to use the formulations tuned for XLA:CPU, measured faster there only: unrolled Threefry dropout
+  masks, the custom-VJP max-pool, per-example inference (attention, timbre convs), and the banded timbre convs."""
+  return resolve_kernels(kernels) == "cpu"
+
+
+def banded_timbre_convs(kernels: str) -> bool:
+  """Whether the timbre convs run as banded matmuls (`frontends.TimbreConv`): on every backend unless 'plain'.
+  cuDNN has no fast fp32 algorithm for their kernels, 86 mel bands tall over one channel, either: on an H200 the
+  banded form trained Spec+Att 3.7× faster in fp32 and 1.8× in bf16 at batch 256."""
+  return resolve_kernels(kernels) != "plain"
 
 
 class BatchNorm(nn.Module):
